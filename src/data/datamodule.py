@@ -1,0 +1,115 @@
+"""LightningDataModule for posed-image scenes on disk (Blender layout), including the generated scene."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Iterator
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from src.data.blender import DataError, Views, load_split
+from src.data.generate import write_blender
+from src.data.rays import RayBank
+from src.render.rays import get_rays
+
+log = logging.getLogger(__name__)
+
+
+class StepTicker(IterableDataset):
+    """Endless training 'batches' that carry nothing: ray-bank methods sample their rays themselves
+    (their pool depends on the model, e.g. DVGO's in-mask-cache rays), keyed on the global step."""
+
+    def __iter__(self) -> Iterator[int]:
+        tick = 0
+        while True:
+            yield tick
+            tick += 1
+
+
+class ImageViews(Dataset):
+    """One full image a batch: rays (H, W, 3) and target rgb (H, W, 3), for rendering in chunks."""
+
+    def __init__(self, views: Views) -> None:
+        self.views = views
+
+    def __len__(self) -> int:
+        return len(self.views)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        h, w = self.views.hw
+        rays_o, rays_d = get_rays(h, w, self.views.K, self.views.c2w[i])
+        return {"rays_o": rays_o, "rays_d": rays_d, "rgb": self.views.rgb[i], "index": i}
+
+
+class BlenderDataModule(L.LightningDataModule):
+    """Blender-layout scene at ``root``; with ``generate`` set, the procedural scene is written there first.
+
+    Args:
+        root: folder holding ``transforms_{train,val,test}.json``.
+        downscale: integer area-resize factor (the focal is scaled with it).
+        white_bkgd: composite alpha on white (Blender scenes) instead of black.
+        near, far: ray bounds in units of the camera-z-normalised ray direction.
+        stride: keep every k-th frame of each split, e.g. ``{val: 8}`` for a quick validation subset.
+        test_split: the split rendered by ``trainer.test``; if its JSON is absent, ``val`` is used.
+        generate: parameters of :func:`src.data.generate.write_blender`, or None for real data.
+    """
+
+    def __init__(self, root: str, downscale: int = 1, white_bkgd: bool = True, near: float = 2.0,
+                 far: float = 6.0, stride: dict[str, int] | None = None, test_split: str = "test",
+                 generate: dict[str, int] | None = None) -> None:
+        super().__init__()
+        if int(downscale) != downscale or downscale < 1:
+            raise ValueError(f"data.downscale must be a positive integer, got {downscale}")
+        self.root, self.downscale, self.white_bkgd = Path(root), int(downscale), white_bkgd
+        self.near, self.far = float(near), float(far)
+        self.stride = {"train": 1, "val": 1, "test": 1, **(stride or {})}
+        self.test_split, self.generate = test_split, generate
+        self.splits: dict[str, Views] = {}
+        self.train_rays: RayBank | None = None
+
+    @property
+    def background(self) -> float:
+        return 1.0 if self.white_bkgd else 0.0
+
+    def prepare_data(self) -> None:
+        if self.generate is not None:
+            write_blender(self.root, **self.generate)
+        elif not self.root.is_dir():
+            raise DataError(f"data root not found: {self.root} (set data.root=/path/to/scene)")
+
+    def _load(self, split: str) -> Views:
+        if split not in self.splits:
+            self.splits[split] = load_split(self.root, split, self.downscale, self.white_bkgd, self.stride[split])
+        return self.splits[split]
+
+    def resolved_test_split(self) -> str:
+        if (self.root / f"transforms_{self.test_split}.json").is_file():
+            return self.test_split
+        log.warning("%s has no transforms_%s.json: testing on 'val' (every frame)", self.root, self.test_split)
+        return "val"
+
+    def setup(self, stage: str | None = None) -> None:
+        self.prepare_data()  # idempotent: also covers direct use without a Trainer
+        if stage in (None, "fit") and self.train_rays is None:
+            train = self._load("train")
+            self.train_rays = RayBank.from_views(train.rgb, train.c2w, train.K)
+            self._load("val")
+        if stage in (None, "validate"):
+            self._load("val")
+        if stage in (None, "test"):
+            split = self.resolved_test_split()
+            if split == "val":
+                self.splits["test"] = load_split(self.root, "val", self.downscale, self.white_bkgd, 1)
+            else:
+                self._load(split)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(StepTicker(), batch_size=None)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(ImageViews(self.splits["val"]), batch_size=None)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(ImageViews(self.splits["test"]), batch_size=None)

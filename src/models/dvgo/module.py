@@ -1,0 +1,231 @@
+"""DVGO as a LightningModule: a coarse stage (explicit density + rgb grids) then a fine stage
+(tightened box, mask cache, progressive scaling, feature grid + MLP), each with its own optimizer."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from src.data.rays import RayBank, RaySampler
+from src.kernels.grid_adam import GridAdam
+from src.models.base import RenderMixin
+from src.models.dvgo import setup as dvgo_setup
+from src.models.dvgo.field import DirectVoxGO
+from src.models.dvgo.grid import MaskGrid
+from src.render.distortion import distortion_loss
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StageConfig:
+    """One stage's published settings (DVGO ``coarse_train`` / ``fine_train`` + ``*_model_and_render``)."""
+
+    iters: int
+    num_voxels: int
+    num_voxels_base: int
+    alpha_init: float
+    fast_color_thres: float
+    rgbnet_dim: int
+    maskout_near_cam_vox: bool
+    world_bound_scale: float
+    pervoxel_lr: bool
+    pervoxel_lr_downrate: int
+    ray_sampler: str  # random | in_maskcache
+    weight_entropy_last: float
+    weight_rgbper: float
+    pg_scale: list[int]
+    skip_zero_grad_fields: list[str]
+
+
+class DVGOModule(RenderMixin, L.LightningModule):
+    """Args (all from ``conf/model/dvgo.yaml``):
+        coarse, fine: :class:`StageConfig` fields.
+        n_rand: rays per step. lr_density, lr_k0, lr_rgbnet: base learning rates; lrate_decay: lr x0.1
+        every ``lrate_decay`` x 1000 steps. stepsize: sampling step in voxels. bbox_thres: alpha above
+        which coarse voxels bound the fine box. mask_cache_thres: alpha above which coarse voxels are
+        kept in the fine stage's mask cache. decay_after_scale: subtracted from the density shift at each
+        progressive-scaling step. weight_distortion: distortion-loss weight. rgbnet_depth/width,
+        viewbase_pe: the colour MLP. chunk: rays per forward when rendering images. seed: ray sampling.
+    """
+
+    def __init__(self, coarse: dict, fine: dict, n_rand: int, lr_density: float, lr_k0: float, lr_rgbnet: float,
+                 lrate_decay: float, stepsize: float, bbox_thres: float, mask_cache_thres: float,
+                 decay_after_scale: float, weight_distortion: float, rgbnet_depth: int, rgbnet_width: int,
+                 viewbase_pe: int, chunk: int, seed: int) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.coarse_cfg, self.fine_cfg = StageConfig(**coarse), StageConfig(**fine)
+        mlp = dict(rgbnet_depth=rgbnet_depth, rgbnet_width=rgbnet_width, viewbase_pe=viewbase_pe)
+        self.coarse = DirectVoxGO(self.coarse_cfg.num_voxels, self.coarse_cfg.num_voxels_base, self.coarse_cfg.alpha_init,
+                                  self.coarse_cfg.fast_color_thres, 0, **mlp)
+        self.fine = DirectVoxGO(self.fine_start_voxels, self.fine_cfg.num_voxels_base, self.fine_cfg.alpha_init,
+                                self.fine_cfg.fast_color_thres, self.fine_cfg.rgbnet_dim, **mlp)
+        self.register_buffer("stage", torch.tensor(0))  # 0: not started, 1: coarse, 2: fine
+        self.ray_bank: RayBank | None = None
+        self.sampler: RaySampler | None = None
+        self.stage_time = {"coarse": 0.0, "fine": 0.0}
+        self.pool_mask: torch.Tensor | None = None
+
+    # ---- schedule ---------------------------------------------------------------------------------
+    @property
+    def total_steps(self) -> int:
+        return self.coarse_cfg.iters + self.fine_cfg.iters
+
+    @property
+    def fine_start_voxels(self) -> int:
+        return int(self.fine_cfg.num_voxels / 2 ** len(self.fine_cfg.pg_scale))
+
+    @property
+    def field(self) -> DirectVoxGO:
+        return self.fine if int(self.stage) == 2 else self.coarse
+
+    @property
+    def stage_cfg(self) -> StageConfig:
+        return self.fine_cfg if int(self.stage) == 2 else self.coarse_cfg
+
+    def on_fit_start(self) -> None:
+        dm = self.trainer.datamodule
+        self.near, self.far, self.background = dm.near, dm.far, dm.background
+        self.ray_bank = dm.train_rays.to(self.device)
+        self.sampler = RaySampler(len(self.ray_bank), self.hparams.n_rand, self.hparams.seed,
+                                  rank=self.global_rank, mode="random")
+        if int(self.stage) == 2 and self.fine_cfg.ray_sampler == "in_maskcache":  # resumed in the fine stage
+            self._restrict_rays(self.coarse_cfg.iters)
+
+    def _start_coarse(self) -> None:
+        cfg, dm = self.coarse_cfg, self.trainer.datamodule
+        xyz_min, xyz_max = dvgo_setup.bbox_from_frusta(self.ray_bank, self.near, self.far)
+        self.coarse.reset_box(xyz_min, xyz_max, cfg.num_voxels)
+        log.info("coarse box %s %s, grid %s", xyz_min.tolist(), xyz_max.tolist(), self.coarse.density.world_size)
+        if cfg.maskout_near_cam_vox:
+            dvgo_setup.maskout_near_cam_vox(self.coarse, dm.splits["train"].c2w[:, :3, 3].to(self.device), self.near)
+        self.stage.fill_(1)
+        self._set_optimizer(step_in_stage=0)
+        if cfg.pervoxel_lr:
+            count = dvgo_setup.voxel_count_views(self.coarse, dm.splits["train"], cfg.pervoxel_lr_downrate,
+                                                 self.near, self.hparams.stepsize)
+            self.optimizers().optimizer.param_groups[0]["per_lr"] = count / count.max()
+            self.coarse.mask_cache.mask &= count[0, 0] > 2
+
+    def _start_fine(self, step: int) -> None:
+        cfg = self.fine_cfg
+        xyz_min, xyz_max = dvgo_setup.bbox_from_coarse(self.coarse, self.hparams.bbox_thres, cfg.world_bound_scale)
+        self.fine.reset_box(xyz_min, xyz_max, self.fine_start_voxels)
+        self.fine.mask_cache.mask.copy_(dvgo_setup.mask_from_coarse(self.coarse, self.fine, self.hparams.mask_cache_thres))
+        self.pool_mask = self.fine.mask_cache.mask.clone()  # saved: a resumed run rebuilds the same ray pool
+        log.info("fine box %s %s, grid %s", xyz_min.tolist(), xyz_max.tolist(), self.fine.density.world_size)
+        self.stage.fill_(2)
+        self._set_optimizer(step_in_stage=0)
+        if cfg.ray_sampler == "in_maskcache":
+            self._restrict_rays(step)
+
+    def _restrict_rays(self, step: int) -> None:
+        """DVGO's ``in_maskcache`` sampler: from ``step`` on, only rays through the coarse geometry."""
+        mask = MaskGrid(self.pool_mask.to(self.device), self.fine.xyz_min, self.fine.xyz_max)
+        pool = dvgo_setup.rays_through_mask(mask, self.fine, self.ray_bank, self.near, self.hparams.stepsize)
+        log.info("in_maskcache sampling: %d of %d training rays hit the coarse geometry", pool.numel(), len(self.ray_bank))
+        self.sampler.restrict(pool.cpu(), from_step=step, mode="permutation")
+
+    def _advance_schedule(self, step: int) -> None:
+        """Stage switches, progressive scaling and occupancy-cache refreshes due at ``step``."""
+        if int(self.stage) == 0:
+            self._start_coarse()
+        if int(self.stage) == 1 and step >= self.coarse_cfg.iters:
+            self._start_fine(step)
+        local = step - (self.coarse_cfg.iters if int(self.stage) == 2 else 0)
+        if (local + 500) % 1000 == 0:
+            self.field.update_occupancy_cache()
+        if int(self.stage) == 2 and local in self.fine_cfg.pg_scale:
+            n_rest = len(self.fine_cfg.pg_scale) - self.fine_cfg.pg_scale.index(local) - 1
+            self.fine.scale_volume_grid(int(self.fine_cfg.num_voxels / 2**n_rest))
+            self._set_optimizer(step_in_stage=0)
+            self.fine.act_shift -= self.hparams.decay_after_scale
+            log.info("step %d: scaled the fine grid to %s", step, self.fine.density.world_size)
+
+    # ---- optimisation -----------------------------------------------------------------------------
+    def _param_groups(self, step_in_stage: int) -> list[dict]:
+        hp, cfg, field = self.hparams, self.stage_cfg, self.field
+        decay = 0.1 ** (step_in_stage / (hp.lrate_decay * 1000))
+        groups = [
+            {"params": [field.density.grid], "lr": hp.lr_density * decay, "skip_zero_grad": "density" in cfg.skip_zero_grad_fields},
+            {"params": [field.k0.grid], "lr": hp.lr_k0 * decay, "skip_zero_grad": "k0" in cfg.skip_zero_grad_fields},
+        ]
+        if field.rgbnet is not None:
+            groups.append({"params": list(field.rgbnet.parameters()), "lr": hp.lr_rgbnet * decay,
+                           "skip_zero_grad": "rgbnet" in cfg.skip_zero_grad_fields})
+        return groups
+
+    def configure_optimizers(self):
+        return GridAdam(self._param_groups(step_in_stage=0))
+
+    def _set_optimizer(self, step_in_stage: int) -> None:
+        """Fresh optimizer on the current stage's (possibly resized) grids, as DVGO does at every stage
+        start and progressive-scaling step (the learning-rate decay restarts)."""
+        self.trainer.strategy.optimizers = [GridAdam(self._param_groups(step_in_stage))]
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        # Here, not in training_step: Lightning attaches its step counter to the optimizer after this hook.
+        self._advance_schedule(self.global_step)
+
+    def training_step(self, batch, batch_idx):
+        step = self.global_step
+        cfg, hp, tic = self.stage_cfg, self.hparams, time.perf_counter()
+        rays = self.ray_bank[self.sampler.indices(step).to(self.device)]
+        out = self.field(rays.rays_o, rays.rays_d, self.near, hp.stepsize, self.background)
+
+        mse = F.mse_loss(out["rgb"], rays.rgb)
+        loss = mse
+        if cfg.weight_entropy_last > 0:  # push each ray to end fully opaque or fully empty
+            p = out["T_last"].clamp(1e-6, 1 - 1e-6)
+            loss = loss + cfg.weight_entropy_last * -(p * p.log() + (1 - p) * (1 - p).log()).mean()
+        if cfg.weight_rgbper > 0:  # every contributing sample should itself have the pixel's colour
+            per_point = (out["raw_rgb"] - rays.rgb[out["ray_id"]]).pow(2).sum(-1)
+            loss = loss + cfg.weight_rgbper * (per_point * out["weights"].detach()).sum() / len(rays)
+        if hp.weight_distortion > 0:
+            n_max = int(out["n_steps"].max())
+            s = (out["step_id"].float() + 0.5) / n_max
+            loss = loss + hp.weight_distortion * distortion_loss(out["weights"], s, 1 / n_max, out["ray_id"], len(rays))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite training loss ({loss.item()}) at step {step} ({self.stage_name} stage); "
+                "stopping before the optimizer step, so the last checkpoint is intact")
+
+        opt = self.optimizers()
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        opt.step()
+        decay = 0.1 ** (1 / (hp.lrate_decay * 1000))
+        for group in opt.optimizer.param_groups:
+            group["lr"] *= decay
+        self.stage_time[self.stage_name] += time.perf_counter() - tic
+        psnr = -10 * torch.log10(mse.detach())
+        self.log_dict({"train/loss": loss.detach(), "train/psnr": psnr, "train/stage": float(self.stage)},
+                      prog_bar=True, batch_size=len(rays))
+        return loss.detach()
+
+    @property
+    def stage_name(self) -> str:
+        return "fine" if int(self.stage) == 2 else "coarse"
+
+    # ---- rendering and checkpoints ----------------------------------------------------------------
+    def render_rays(self, rays_o: torch.Tensor, rays_d: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self.field(rays_o, rays_d, self.trainer.datamodule.near, self.hparams.stepsize,
+                         self.trainer.datamodule.background)
+        return {"rgb": out["rgb"], "depth": out["depth"], "acc": out["acc"]}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint["state_dict"]
+        self.coarse.match_state(state, "coarse.")
+        self.fine.match_state(state, "fine.")
+        self.stage_time.update(checkpoint["dvgo_stage_time"])
+        self.pool_mask = checkpoint["dvgo_pool_mask"]
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["dvgo_stage_time"] = dict(self.stage_time)
+        checkpoint["dvgo_pool_mask"] = None if self.pool_mask is None else self.pool_mask.cpu()
