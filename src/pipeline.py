@@ -35,7 +35,7 @@ def run(cfg: DictConfig) -> dict:
     datamodule.setup("fit")
     load_s = time.perf_counter() - tic
 
-    model = instantiate(cfg.model)
+    model = instantiate(cfg.model, _convert_="all")  # plain containers: checkpoints load with weights_only
     max_steps = cfg.trainer.max_steps if cfg.trainer.max_steps is not None else model.total_steps
     trainer: L.Trainer = instantiate(cfg.trainer, max_steps=max_steps, default_root_dir=str(out_dir),
                                      callbacks=_instantiate_all(cfg.get("callbacks")),

@@ -1,0 +1,38 @@
+"""Shared fixtures: composed configs (the real conf/ tree, shrunk to CPU) and generated scenes."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+import src.config  # noqa: F401  (resolvers)
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+LEGO = SHARED_DATA / "nerf_synthetic" / "lego"
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """Where generated scenes go for the whole session (generated once, reused by every test)."""
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture
+def make_cfg(data_dir, tmp_path):
+    """Compose ``conf/train.yaml`` with overrides, writing into this test's tmp dir."""
+
+    def _make(*overrides: str, out: Path | None = None) -> DictConfig:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            return compose("train", overrides=[
+                f"paths.output_dir={out or tmp_path / 'run'}", f"paths.data_dir={data_dir}",
+                "trainer.enable_progress_bar=false", *overrides])
+
+    return _make
+
+
+def needs_lego():
+    return pytest.mark.skipif(not (LEGO / "transforms_train.json").is_file(),
+                              reason=f"real lego not found at {LEGO}")
