@@ -99,11 +99,10 @@ class BlenderDataModule(L.LightningDataModule):
         if stage in (None, "validate"):
             self._load("val")
         if stage in (None, "test"):
-            split = self.resolved_test_split()
-            if split == "val":
-                self.splits["test"] = load_split(self.root, "val", self.downscale, self.white_bkgd, 1)
-            else:
-                self._load(split)
+            if "test" not in self.splits:  # every frame of the test split (of val when test is absent)
+                split = self.resolved_test_split()
+                self.splits["test"] = load_split(self.root, split, self.downscale, self.white_bkgd,
+                                                 self.stride[split] if split == "test" else 1)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(StepTicker(), batch_size=None)
