@@ -60,7 +60,7 @@ def run(cfg: DictConfig) -> dict:
         "time/train_s": round(train_s, 2),
         **{f"time/{k}_s": round(v, 2) for k, v in getattr(model, "stage_time", {}).items()},
         "train/steps": int(trainer.global_step),
-        "data/test_split": datamodule.resolved_test_split(),
+        "data/test_split": datamodule.test_split_used,
         "kernels": kernels.active_backends(),
     })
     if trainer.is_global_zero:

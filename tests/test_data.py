@@ -117,7 +117,7 @@ def test_missing_test_split_falls_back_to_val(scene_root, tmp_path):
     (no_test / "transforms_test.json").unlink()
     dm = BlenderDataModule(root=str(no_test), stride={"val": 2})
     dm.setup("test")
-    assert dm.resolved_test_split() == "val" and len(dm.splits["test"]) == 2  # every val frame, not the stride
+    assert dm.test_split_used == "val" and len(dm.splits["test"]) == 2  # every val frame, not the stride
 
 
 def test_images_of_different_sizes_are_rejected(scene_root, tmp_path):

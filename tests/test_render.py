@@ -1,6 +1,8 @@
 """Rays, sampling and compositing against brute-force references (values and gradients)."""
 import math
 
+import pytest
+
 import torch
 
 from src import kernels
@@ -80,3 +82,18 @@ def test_projection_inverts_rays():
     torch.testing.assert_close(uv, torch.stack([u, v], -1).reshape(-1, 2), atol=1e-3, rtol=0)
     torch.testing.assert_close(depth, torch.full_like(depth, 2.5))
     assert math.isclose(float(K[0, 0]), 32 / math.tan(0.4), rel_tol=1e-6)
+
+
+def test_distortion_loss_equals_the_quadratic_definition_on_ragged_rays():
+    """Seed 003's O(N^2) definition, per ray, averaged over rays (rays without samples contribute 0)."""
+    from src.render.distortion import distortion_loss
+
+    counts = [4, 0, 1, 9]
+    w, ray_id = ragged(counts, seed=2)
+    s = torch.rand(w.numel(), dtype=torch.float64).sort().values
+    interval = 0.1
+    ref = 0.0
+    for r in range(len(counts)):
+        wr, sr = w[ray_id == r], s[ray_id == r]
+        ref += (wr[:, None] * wr[None, :] * (sr[:, None] - sr[None, :]).abs()).sum() + (interval * wr**2).sum() / 3
+    assert float(distortion_loss(w, s, interval, ray_id, len(counts))) == pytest.approx(float(ref) / len(counts), rel=1e-6)

@@ -67,6 +67,7 @@ class BlenderDataModule(L.LightningDataModule):
         self.stride = {"train": 1, "val": 1, "test": 1, **(stride or {})}
         self.test_split, self.generate = test_split, generate
         self.splits: dict[str, Views] = {}
+        self.test_split_used: str | None = None  # set by setup("test"): test_split, or "val" if it is absent
         self.train_rays: RayBank | None = None
 
     @property
@@ -100,7 +101,7 @@ class BlenderDataModule(L.LightningDataModule):
             self._load("val")
         if stage in (None, "test"):
             if "test" not in self.splits:  # every frame of the test split (of val when test is absent)
-                split = self.resolved_test_split()
+                split = self.test_split_used = self.resolved_test_split()
                 self.splits["test"] = load_split(self.root, split, self.downscale, self.white_bkgd,
                                                  self.stride[split] if split == "test" else 1)
 

@@ -17,8 +17,8 @@ def raw2alpha(density: torch.Tensor, shift: float | torch.Tensor, interval: floa
     return -torch.expm1(-F.softplus(density + shift) * interval)
 
 
-def _ray_layout(ray_id: torch.Tensor, n_rays: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-sample position within its ray, samples per ray, and the first sample index of each ray."""
+def ray_layout(ray_id: torch.Tensor, n_rays: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sample position within its ray (M,), samples per ray (n_rays,), first sample of each ray (n_rays,)."""
     counts = torch.bincount(ray_id, minlength=n_rays)  # (n_rays,)
     starts = torch.cumsum(counts, 0) - counts  # (n_rays,)
     pos = torch.arange(ray_id.numel(), device=ray_id.device) - starts[ray_id]  # (M,)
@@ -35,7 +35,7 @@ def alpha_to_weights(
 
     Args: alpha (M,), ray_id (M,) sorted, n_rays. Returns weights (M,), T (M,), T_last (n_rays,).
     """
-    pos, counts, _ = _ray_layout(ray_id, n_rays)
+    pos, counts, _ = ray_layout(ray_id, n_rays)
     width = int(counts.max()) if counts.numel() and alpha.numel() else 0
     trans = torch.ones(n_rays, width + 1, dtype=alpha.dtype, device=alpha.device)  # (n_rays, max_n + 1)
     trans = trans.index_put((ray_id, pos + 1), 1 - alpha)

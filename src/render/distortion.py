@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from src.kernels.reference import ray_layout
+
 
 def distortion_loss(weights: torch.Tensor, s: torch.Tensor, interval: float, ray_id: torch.Tensor,
                     n_rays: int) -> torch.Tensor:
@@ -15,8 +17,7 @@ def distortion_loss(weights: torch.Tensor, s: torch.Tensor, interval: float, ray
 
     if weights.is_cuda:
         return flatten_eff_distloss(weights, s, interval, ray_id)
-    counts = torch.bincount(ray_id, minlength=n_rays)
-    pos = torch.arange(ray_id.numel(), device=ray_id.device) - (torch.cumsum(counts, 0) - counts)[ray_id]
+    pos, counts, _ = ray_layout(ray_id, n_rays)
     width = max(int(counts.max()), 1) if counts.numel() else 1
     w = weights.new_zeros(n_rays, width).index_put((ray_id, pos), weights)
     m = s.new_zeros(n_rays, width).index_put((ray_id, pos), s)
