@@ -27,6 +27,8 @@ def run(cfg: DictConfig) -> dict:
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
+    if cfg.get("kernels") is not None:
+        kernels.set_backend(cfg.kernels.backend, **(cfg.kernels.get("ops") or {}))
     torch.set_float32_matmul_precision("high")
 
     tic = time.perf_counter()
@@ -61,11 +63,11 @@ def run(cfg: DictConfig) -> dict:
         **{f"time/{k}_s": round(v, 2) for k, v in getattr(model, "stage_time", {}).items()},
         "train/steps": int(trainer.global_step),
         "data/test_split": datamodule.test_split_used,
-        "kernels": kernels.active_backends(),
+        **{f"kernels/{op}": backend for op, backend in kernels.used_backends().items()},
     })
     if trainer.is_global_zero:
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
-        log.info("metrics: %s", json.dumps({k: v for k, v in metrics.items() if k != "kernels"}))
+        log.info("metrics: %s", json.dumps({k: v for k, v in metrics.items() if not k.startswith("kernels/")}))
         log.info("run dir: %s", out_dir)
     bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
     if bad:

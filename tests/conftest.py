@@ -1,7 +1,13 @@
 """Shared fixtures: composed configs (the real conf/ tree, shrunk to CPU) and generated scenes."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():  # Triton kernels are checked on CPU tensors by its interpreter; this must
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # be set before triton is first imported
 
 import pytest
 from hydra import compose, initialize_config_dir

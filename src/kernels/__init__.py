@@ -1,74 +1,134 @@
-"""Hot ops behind one seam: a pure-torch reference (the specification) per op, and a backend switch.
+"""Hot ops behind one seam: a pure-torch reference (the specification, and the CPU path) per op, a Triton
+implementation for GPUs, and a backend switch.
 
-Every op is called through its public function here. Each dispatches to the implementation
-registered for the active backend (``torch`` now; fast GPU backends register themselves in
-``_IMPLS`` without touching callers). Backends are never imported at module import time.
+Every op is called through its public function here, which dispatches on the backend chosen for it:
+
+- ``torch``: :mod:`src.kernels.reference`;
+- ``triton``: :mod:`src.kernels.triton_ops` (imported on first use; needs CUDA tensors, or CPU tensors with
+  ``TRITON_INTERPRET=1`` set before Python starts - the interpreter is for checking, not speed);
+- ``auto`` (default): ``triton`` for CUDA tensors when triton is importable, ``torch`` otherwise.
+
+``set_backend("triton", raw2alpha="torch")`` picks a backend for every op and overrides some;
+:func:`used_backends` reports what each op actually ran (``metrics.json`` records it).
 """
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.util
+import os
 from typing import Callable, Iterator
+
+import torch
 
 from src.kernels import reference
 
-OPS = ("raw2alpha", "alpha_to_weights", "segment_sum", "ray_aabb", "sample_pts_on_rays")
+OPS = ("raw2alpha", "alpha_to_weights", "segment_sum", "ray_aabb", "sample_pts_on_rays", "total_variation_add_grad",
+       "distortion_loss", "grid_adam_step")
+BACKENDS = ("auto", "torch", "triton")
 
-# op -> backend -> implementation
-_IMPLS: dict[str, dict[str, Callable]] = {op: {"torch": getattr(reference, op)} for op in OPS}
-_ACTIVE: dict[str, str] = {op: "torch" for op in OPS}
+_ACTIVE: dict[str, str] = {op: "auto" for op in OPS}
+_USED: dict[str, str] = {}
+_TRITON: dict[str, object] = {}
 
 
-def set_backend(backend: str, **per_op: str) -> None:
-    """Select ``backend`` for every op, then ``per_op`` overrides (``alpha_to_weights="torch"``)."""
+def triton_available() -> bool:
+    if "available" not in _TRITON:
+        _TRITON["available"] = importlib.util.find_spec("triton") is not None
+    return bool(_TRITON["available"])
+
+
+def _triton_ops():
+    if "module" not in _TRITON:
+        _TRITON["module"] = importlib.import_module("src.kernels.triton_ops")
+    return _TRITON["module"]
+
+
+def set_backend(backend: str = "auto", **per_op: str | None) -> None:
+    """Select ``backend`` for every op, then ``per_op`` overrides (``alpha_to_weights="torch"``; None: no override)."""
     choice = {op: backend for op in OPS}
     for op, b in per_op.items():
         if op not in OPS:
             raise KeyError(f"unknown kernel op '{op}'; ops are {OPS}")
-        choice[op] = b
+        if b is not None:
+            choice[op] = b
     for op, b in choice.items():
-        if b not in _IMPLS[op]:
-            raise ValueError(f"kernel op '{op}' has no backend '{b}' (available: {sorted(_IMPLS[op])})")
+        if b not in BACKENDS:
+            raise ValueError(f"kernel op '{op}': unknown backend '{b}' (choose from {BACKENDS})")
+        if b == "triton" and not triton_available():
+            raise RuntimeError(f"kernel op '{op}': backend 'triton' requested but triton is not installed "
+                               "(pip install triton; it ships with CUDA builds of torch)")
     _ACTIVE.update(choice)
+    _USED.clear()
 
 
 def active_backends() -> dict[str, str]:
-    """The backend each op uses now (recorded in metrics.json)."""
+    """The backend each op is set to (``auto`` resolves per call)."""
     return dict(_ACTIVE)
 
 
+def used_backends() -> dict[str, str]:
+    """The backend each op actually ran since the last :func:`set_backend`; ops not called yet report
+    their setting as ``'<setting> (not called)'``."""
+    return {op: _USED.get(op, f"{_ACTIVE[op]} (not called)") for op in OPS}
+
+
 @contextlib.contextmanager
-def use_backend(backend: str, **per_op: str) -> Iterator[None]:
-    saved = dict(_ACTIVE)
+def use_backend(backend: str, **per_op: str | None) -> Iterator[None]:
+    saved, saved_used = dict(_ACTIVE), dict(_USED)
     try:
         set_backend(backend, **per_op)
         yield
     finally:
         _ACTIVE.update(saved)
+        _USED.clear()
+        _USED.update(saved_used)
+
+
+def _impl(op: str, tensor: torch.Tensor) -> Callable:
+    backend = _ACTIVE[op]
+    if backend == "auto":
+        backend = "triton" if tensor.is_cuda and triton_available() else "torch"
+    elif backend == "triton" and not tensor.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(f"kernel op '{op}': backend 'triton' runs on CUDA tensors; got a {tensor.device} tensor. "
+                           "Use kernels=auto/torch on CPU, or set TRITON_INTERPRET=1 before starting Python "
+                           "to check the Triton kernels on CPU (slow)")
+    _USED[op] = backend
+    return getattr(_triton_ops() if backend == "triton" else reference, op)
 
 
 def raw2alpha(density, shift, interval):
-    return _IMPLS["raw2alpha"][_ACTIVE["raw2alpha"]](density, shift, interval)
+    return _impl("raw2alpha", density)(density, shift, interval)
 
 
 def alpha_to_weights(alpha, ray_id, n_rays):
-    return _IMPLS["alpha_to_weights"][_ACTIVE["alpha_to_weights"]](alpha, ray_id, n_rays)
+    return _impl("alpha_to_weights", alpha)(alpha, ray_id, n_rays)
 
 
 def segment_sum(values, ray_id, n_rays):
-    return _IMPLS["segment_sum"][_ACTIVE["segment_sum"]](values, ray_id, n_rays)
+    return _impl("segment_sum", values)(values, ray_id, n_rays)
 
 
 def ray_aabb(rays_o, rays_d, xyz_min, xyz_max, near, far):
-    return _IMPLS["ray_aabb"][_ACTIVE["ray_aabb"]](rays_o, rays_d, xyz_min, xyz_max, near, far)
+    return _impl("ray_aabb", rays_o)(rays_o, rays_d, xyz_min, xyz_max, near, far)
 
 
 def sample_pts_on_rays(rays_o, rays_d, xyz_min, xyz_max, near, far, stepdist):
-    impl = _IMPLS["sample_pts_on_rays"][_ACTIVE["sample_pts_on_rays"]]
-    return impl(rays_o, rays_d, xyz_min, xyz_max, near, far, stepdist)
+    return _impl("sample_pts_on_rays", rays_o)(rays_o, rays_d, xyz_min, xyz_max, near, far, stepdist)
 
 
-raw2alpha.__doc__ = reference.raw2alpha.__doc__
-alpha_to_weights.__doc__ = reference.alpha_to_weights.__doc__
-segment_sum.__doc__ = reference.segment_sum.__doc__
-ray_aabb.__doc__ = reference.ray_aabb.__doc__
-sample_pts_on_rays.__doc__ = reference.sample_pts_on_rays.__doc__
+def total_variation_add_grad(param, grad, wx, wy, wz, dense_mode):
+    return _impl("total_variation_add_grad", param)(param, grad, wx, wy, wz, dense_mode)
+
+
+def distortion_loss(weights, s, interval, ray_id, n_rays):
+    return _impl("distortion_loss", weights)(weights, s, interval, ray_id, n_rays)
+
+
+def grid_adam_step(param, grad, exp_avg, exp_avg_sq, beta1, beta2, eps, step_size, skip_zero_grad, per_lr):
+    return _impl("grid_adam_step", param)(param, grad, exp_avg, exp_avg_sq, beta1, beta2, eps, step_size,
+                                          skip_zero_grad, per_lr)
+
+
+for _op in OPS:
+    globals()[_op].__doc__ = getattr(reference, _op).__doc__

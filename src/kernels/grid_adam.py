@@ -1,4 +1,4 @@
-"""Adam for voxel grids (DVGO's masked Adam), pure-torch reference.
+"""Adam for voxel grids (DVGO's masked Adam); the update runs through ``kernels.grid_adam_step``.
 
 Per parameter group, beyond Adam's ``lr``, ``betas`` and ``eps``:
 - ``skip_zero_grad``: entries whose gradient is exactly zero keep their parameter *and* moments
@@ -14,6 +14,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from src import kernels
 
 
 class GridAdam(torch.optim.Optimizer):
@@ -40,22 +42,6 @@ class GridAdam(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(param)
                 state["step"] += 1
                 step_size = group["lr"] * math.sqrt(1 - beta2 ** state["step"]) / (1 - beta1 ** state["step"])
-                _adam_update(param, param.grad, state["exp_avg"], state["exp_avg_sq"], beta1, beta2,
-                             group["eps"], step_size, group["skip_zero_grad"], group["per_lr"])
+                kernels.grid_adam_step(param, param.grad, state["exp_avg"], state["exp_avg_sq"], beta1, beta2,
+                                       group["eps"], step_size, group["skip_zero_grad"], group["per_lr"])
         return loss
-
-
-def _adam_update(param, grad, exp_avg, exp_avg_sq, beta1, beta2, eps, step_size, skip_zero_grad, per_lr):
-    new_avg = exp_avg * beta1 + grad * (1 - beta1)
-    new_avg_sq = exp_avg_sq * beta2 + grad * grad * (1 - beta2)
-    update = step_size * new_avg / (new_avg_sq.sqrt() + eps)
-    if per_lr is not None:
-        update = update * per_lr.to(update)
-    if skip_zero_grad:
-        touched = grad != 0
-        new_avg = torch.where(touched, new_avg, exp_avg)
-        new_avg_sq = torch.where(touched, new_avg_sq, exp_avg_sq)
-        update = torch.where(touched, update, torch.zeros_like(update))
-    exp_avg.copy_(new_avg)
-    exp_avg_sq.copy_(new_avg_sq)
-    param.sub_(update)

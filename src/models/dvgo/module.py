@@ -10,6 +10,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from src import kernels
 from src.data.rays import RayBank, RaySampler
 from src.kernels.grid_adam import GridAdam
 from src.models.base import RenderMixin
@@ -51,12 +52,18 @@ class DVGOModule(RenderMixin, L.LightningModule):
         kept in the fine stage's mask cache. decay_after_scale: subtracted from the density shift at each
         progressive-scaling step. weight_distortion: distortion-loss weight. rgbnet_depth/width,
         viewbase_pe: the colour MLP. chunk: rays per forward when rendering images. seed: ray sampling.
+        weight_tv_density, weight_tv_k0: total-variation weights, added straight into the grids' gradients
+        (``kernels.total_variation_add_grad``) at stage-local steps in (tv_after, tv_before) every tv_every
+        steps; on every voxel before tv_dense_before, else only on voxels rays touched (DVGO's switches).
+        log_every: a one-line progress log (step, stage, train PSNR, stage seconds) every this many steps.
     """
 
     def __init__(self, coarse: dict, fine: dict, n_rand: int, lr_density: float, lr_k0: float, lr_rgbnet: float,
                  lrate_decay: float, stepsize: float, bbox_thres: float, mask_cache_thres: float,
                  decay_after_scale: float, weight_distortion: float, rgbnet_depth: int, rgbnet_width: int,
-                 viewbase_pe: int, chunk: int, seed: int) -> None:
+                 viewbase_pe: int, chunk: int, seed: int, log_every: int = 500, weight_tv_density: float = 0.0,
+                 weight_tv_k0: float = 0.0, tv_every: int = 1, tv_after: int = 0, tv_before: int = 0,
+                 tv_dense_before: int = 0) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
@@ -199,15 +206,29 @@ class DVGOModule(RenderMixin, L.LightningModule):
         opt = self.optimizers()
         opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
+        self._total_variation(step - (self.coarse_cfg.iters if int(self.stage) == 2 else 0), len(rays))
         opt.step()
         decay = 0.1 ** (1 / (hp.lrate_decay * 1000))
         for group in opt.optimizer.param_groups:
             group["lr"] *= decay
         self.stage_time[self.stage_name] += time.perf_counter() - tic
         psnr = -10 * torch.log10(mse.detach())
+        if hp.log_every and (step + 1) % hp.log_every == 0:
+            log.info("step %d (%s): train psnr %.2f, %.0f s in this stage", step + 1, self.stage_name, float(psnr),
+                     self.stage_time[self.stage_name])
         self.log_dict({"train/loss": loss.detach(), "train/psnr": psnr, "train/stage": float(self.stage)},
                       prog_bar=True, batch_size=len(rays))
         return loss.detach()
+
+    def _total_variation(self, local_step: int, n_rays: int) -> None:
+        hp = self.hparams
+        if not (hp.tv_after < local_step < hp.tv_before and local_step % hp.tv_every == 0):
+            return
+        dense = local_step < hp.tv_dense_before
+        for grid, weight in ((self.field.density, hp.weight_tv_density), (self.field.k0, hp.weight_tv_k0)):
+            if weight > 0 and grid.grid.grad is not None:  # DVGO scales the weight with the grid resolution
+                w = weight / n_rays * max(grid.world_size) / 128
+                kernels.total_variation_add_grad(grid.grid, grid.grid.grad, w, w, w, dense)
 
     @property
     def stage_name(self) -> str:
