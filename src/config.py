@@ -9,3 +9,22 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 if not OmegaConf.has_resolver("project_root"):
     OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))
+
+
+
+def _multirun_group() -> str | None:
+    """The sweep's name (its output dir) in a Hydra multirun, else None: one W&B group per sweep."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        cfg = HydraConfig.get()
+    except (ImportError, ValueError):
+        return None
+    if cfg.mode != RunMode.MULTIRUN:
+        return None
+    return Path(cfg.sweep.dir).name
+
+
+if not OmegaConf.has_resolver("multirun_group"):
+    OmegaConf.register_new_resolver("multirun_group", _multirun_group)

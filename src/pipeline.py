@@ -22,11 +22,47 @@ def _instantiate_all(group: DictConfig | None) -> list:
     return [instantiate(c) for c in (group or {}).values() if c is not None and "_target_" in c]
 
 
+def reset_peak_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:  # Linux: reset this process's peak resident memory (VmHWM) to its current value
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak CUDA memory allocated on ``device``, or this process's peak resident memory (VmHWM) on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def _finish_loggers(trainer: L.Trainer) -> None:
+    """Close W&B runs (a multirun trains several in one process) and say how to upload offline ones."""
+    for logger in trainer.loggers:
+        if type(logger).__name__ != "WandbLogger":
+            continue
+        experiment = logger.experiment
+        offline = getattr(experiment.settings, "mode", "") == "offline"
+        run_dir = Path(experiment.dir).parent
+        experiment.finish()
+        if offline and trainer.is_global_zero:
+            log.info("W&B run saved offline in %s; upload it with: wandb sync %s", run_dir, run_dir)
+
+
 def run(cfg: DictConfig) -> dict:
     """Train ``cfg.model`` on ``cfg.data`` and test it; returns the flat metrics written to metrics.json."""
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
+    reset_peak_memory()  # memory/peak_mb is this run's (a multirun trains several in one process)
     if cfg.get("kernels") is not None:
         kernels.set_backend(cfg.kernels.backend, **(cfg.kernels.get("ops") or {}))
     torch.set_float32_matmul_precision("high")
@@ -44,6 +80,8 @@ def run(cfg: DictConfig) -> dict:
                                      logger=_instantiate_all(cfg.get("logger")) or False)
     if trainer.is_global_zero:
         (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    for logger in trainer.loggers:  # the composed config, with every run (W&B: the run's config panel)
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
     tic = time.perf_counter()
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
@@ -63,12 +101,17 @@ def run(cfg: DictConfig) -> dict:
         **{f"time/{k}_s": round(v, 2) for k, v in getattr(model, "stage_time", {}).items()},
         "train/steps": int(trainer.global_step),
         "data/test_split": datamodule.test_split_used,
+        "memory/peak_mb": round(peak_memory_mb(model.device), 1),
         **{f"kernels/{op}": backend for op, backend in kernels.used_backends().items()},
     })
+    for cb in trainer.callbacks:  # callbacks with a summary (memory growth, throughput, ...)
+        if hasattr(cb, "summary"):
+            metrics.update(cb.summary())
     if trainer.is_global_zero:
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
         log.info("metrics: %s", json.dumps({k: v for k, v in metrics.items() if not k.startswith("kernels/")}))
         log.info("run dir: %s", out_dir)
+    _finish_loggers(trainer)
     bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
     if bad:
         log.warning("non-finite metrics: %s", bad)

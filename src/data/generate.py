@@ -7,6 +7,7 @@ transparent) and ``transforms_{split}.json`` with ``camera_angle_x`` and camera-
 from __future__ import annotations
 
 import json
+import os
 import logging
 import math
 import shutil
@@ -77,7 +78,7 @@ def write_blender(root: str | Path, image_size: int, n_train: int, n_val: int, n
     if stamp.exists() and json.loads(stamp.read_text()) == params:
         return root
     scene = scene or default_scene()
-    tmp = root.with_name(root.name + ".tmp")
+    tmp = root.with_name(f"{root.name}.tmp{os.getpid()}")  # per process: DDP ranks may generate at once
     shutil.rmtree(tmp, ignore_errors=True)
     log.info("generating the procedural scene into %s (%s)", root, params)
     for split, n, offset in (("train", n_train, 0.0), ("val", n_val, 0.37), ("test", n_test, 0.71)):
@@ -90,6 +91,14 @@ def write_blender(root: str | Path, image_size: int, n_train: int, n_val: int, n
         (tmp / f"transforms_{split}.json").write_text(
             json.dumps({"camera_angle_x": CAMERA_ANGLE_X, "frames": frames}, indent=1))
     (tmp / "scene.json").write_text(json.dumps(params))
+    if stamp.exists() and json.loads(stamp.read_text()) == params:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+        return root
     shutil.rmtree(root, ignore_errors=True)
-    tmp.rename(root)
+    try:
+        tmp.rename(root)
+    except OSError:  # lost a race to another process writing the same scene
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (stamp.exists() and json.loads(stamp.read_text()) == params):
+            raise
     return root

@@ -97,37 +97,59 @@ def _impl(op: str, tensor: torch.Tensor) -> Callable:
     return getattr(_triton_ops() if backend == "triton" else reference, op)
 
 
+_CAPTURED: dict[str, tuple] | None = None
+
+
+@contextlib.contextmanager
+def capture() -> Iterator[dict[str, tuple]]:
+    """While active, keep a copy of the arguments of each op's first call (tensors detached and cloned,
+    ``requires_grad`` kept): real inputs for the kernel A/B check (``src.callbacks.kernel_ab``)."""
+    global _CAPTURED
+    saved, _CAPTURED = _CAPTURED, {}
+    try:
+        yield _CAPTURED
+    finally:
+        _CAPTURED = saved
+
+
+def _call(op: str, *args):
+    if _CAPTURED is not None and op not in _CAPTURED:
+        _CAPTURED[op] = tuple(a.detach().clone().requires_grad_(a.requires_grad) if torch.is_tensor(a) else a
+                              for a in args)
+    return _impl(op, args[0])(*args)
+
+
 def raw2alpha(density, shift, interval):
-    return _impl("raw2alpha", density)(density, shift, interval)
+    return _call("raw2alpha", density, shift, interval)
 
 
 def alpha_to_weights(alpha, ray_id, n_rays):
-    return _impl("alpha_to_weights", alpha)(alpha, ray_id, n_rays)
+    return _call("alpha_to_weights", alpha, ray_id, n_rays)
 
 
 def segment_sum(values, ray_id, n_rays):
-    return _impl("segment_sum", values)(values, ray_id, n_rays)
+    return _call("segment_sum", values, ray_id, n_rays)
 
 
 def ray_aabb(rays_o, rays_d, xyz_min, xyz_max, near, far):
-    return _impl("ray_aabb", rays_o)(rays_o, rays_d, xyz_min, xyz_max, near, far)
+    return _call("ray_aabb", rays_o, rays_d, xyz_min, xyz_max, near, far)
 
 
 def sample_pts_on_rays(rays_o, rays_d, xyz_min, xyz_max, near, far, stepdist):
-    return _impl("sample_pts_on_rays", rays_o)(rays_o, rays_d, xyz_min, xyz_max, near, far, stepdist)
+    return _call("sample_pts_on_rays", rays_o, rays_d, xyz_min, xyz_max, near, far, stepdist)
 
 
 def total_variation_add_grad(param, grad, wx, wy, wz, dense_mode):
-    return _impl("total_variation_add_grad", param)(param, grad, wx, wy, wz, dense_mode)
+    return _call("total_variation_add_grad", param, grad, wx, wy, wz, dense_mode)
 
 
 def distortion_loss(weights, s, interval, ray_id, n_rays):
-    return _impl("distortion_loss", weights)(weights, s, interval, ray_id, n_rays)
+    return _call("distortion_loss", weights, s, interval, ray_id, n_rays)
 
 
 def grid_adam_step(param, grad, exp_avg, exp_avg_sq, beta1, beta2, eps, step_size, skip_zero_grad, per_lr):
-    return _impl("grid_adam_step", param)(param, grad, exp_avg, exp_avg_sq, beta1, beta2, eps, step_size,
-                                          skip_zero_grad, per_lr)
+    return _call("grid_adam_step", param, grad, exp_avg, exp_avg_sq, beta1, beta2, eps, step_size, skip_zero_grad,
+                 per_lr)
 
 
 for _op in OPS:

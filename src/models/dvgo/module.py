@@ -96,6 +96,14 @@ class DVGOModule(RenderMixin, L.LightningModule):
     def stage_cfg(self) -> StageConfig:
         return self.fine_cfg if int(self.stage) == 2 else self.coarse_cfg
 
+    def on_train_start(self) -> None:
+        self._manual_grad_sync = False
+        model = self.trainer.model  # wrapped by now
+        # DVGO replaces its grid parameters at stage starts and progressive-scaling steps, which DDP's
+        # reducer (built once over the initial parameters) cannot follow: it is kept out of the backward
+        # pass and the current field's gradients are averaged across ranks after each backward instead.
+        self._manual_grad_sync = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+
     def on_fit_start(self) -> None:
         dm = self.trainer.datamodule
         self.near, self.far, self.background = dm.near, dm.far, dm.background
@@ -205,7 +213,12 @@ class DVGOModule(RenderMixin, L.LightningModule):
 
         opt = self.optimizers()
         opt.zero_grad(set_to_none=True)
+        sync = getattr(self, "_manual_grad_sync", False)
+        if sync:  # Lightning re-arms DDP's reducer before every step: disarm it for this backward
+            self.trainer.model.require_backward_grad_sync = False
         self.manual_backward(loss)
+        if sync:
+            self._average_gradients()
         self._total_variation(step - (self.coarse_cfg.iters if int(self.stage) == 2 else 0), len(rays))
         opt.step()
         decay = 0.1 ** (1 / (hp.lrate_decay * 1000))
@@ -220,6 +233,28 @@ class DVGOModule(RenderMixin, L.LightningModule):
                       prog_bar=True, batch_size=len(rays))
         return loss.detach()
 
+    def on_train_end(self) -> None:
+        if getattr(self, "_manual_grad_sync", False):  # DDP: every rank must end with the same field
+            import torch.distributed as dist
+
+            with torch.no_grad():
+                mine = torch.stack([p.double().sum() for p in self.field.parameters()])
+            theirs = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+            dist.all_gather(theirs, mine)
+            if not all(torch.allclose(t, theirs[0], rtol=1e-6, atol=1e-6) for t in theirs):
+                raise RuntimeError("DDP ranks ended training with different DVGO parameters (gradient averaging failed)")
+            log.info("DDP: parameters identical across %d ranks", len(theirs))
+
+    def _average_gradients(self) -> None:
+        import torch.distributed as dist
+
+        world = dist.get_world_size()
+        for p in self.field.parameters():
+            if p.grad is None:  # every rank has the same parameters, so the same None pattern
+                continue
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad /= world
+
     def _total_variation(self, local_step: int, n_rays: int) -> None:
         hp = self.hparams
         if not (hp.tv_after < local_step < hp.tv_before and local_step % hp.tv_every == 0):
@@ -229,6 +264,10 @@ class DVGOModule(RenderMixin, L.LightningModule):
             if weight > 0 and grid.grid.grad is not None:  # DVGO scales the weight with the grid resolution
                 w = weight / n_rays * max(grid.world_size) / 128
                 kernels.total_variation_add_grad(grid.grid, grid.grid.grad, w, w, w, dense)
+
+    @property
+    def rays_per_step(self) -> int:
+        return self.hparams.n_rand
 
     @property
     def stage_name(self) -> str:

@@ -1,0 +1,58 @@
+"""Throughput: iterations/s and rays/s (progress bar and logs), per training stage, as seed 004 tracks them.
+
+Rays per step come from the module's ``rays_per_step`` (e.g. DVGO's ``n_rand``); stages from its
+``stage_name`` when it has one. Test-time render seconds per image are logged by the render mixin
+(``test/render_s_per_img``). ``summary()`` adds ``throughput/*`` keys to ``metrics.json``.
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+import lightning as L
+import torch
+
+
+class Throughput(L.Callback):
+    def __init__(self, window: int = 20) -> None:
+        self.window = window
+        self._tic = 0.0
+        self._recent: list[float] = []
+        self.stage_time: dict[str, float] = defaultdict(float)
+        self.stage_steps: dict[str, int] = defaultdict(int)
+        self.rays_per_step: int | None = None
+
+    @staticmethod
+    def _sync(pl_module) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._sync(pl_module)
+        self._tic = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._sync(pl_module)
+        dt = time.perf_counter() - self._tic
+        stage = getattr(pl_module, "stage_name", "train")
+        self.stage_time[stage] += dt
+        self.stage_steps[stage] += 1
+        self._recent = (self._recent + [dt])[-self.window:]
+        it_s = len(self._recent) / sum(self._recent)
+        self.rays_per_step = getattr(pl_module, "rays_per_step", None)
+        stats = {"perf/it_s": it_s}
+        if self.rays_per_step:
+            stats["perf/rays_s"] = it_s * self.rays_per_step
+        pl_module.log_dict(stats, prog_bar=True, on_step=True, on_epoch=False, batch_size=1)
+
+    def summary(self) -> dict:
+        out = {}
+        steps, secs = sum(self.stage_steps.values()), sum(self.stage_time.values())
+        if steps:
+            out["throughput/it_s"] = round(steps / secs, 3)
+            if self.rays_per_step:
+                out["throughput/rays_s"] = round(steps / secs * self.rays_per_step, 1)
+        for stage, n in self.stage_steps.items():
+            out[f"throughput/{stage}_it_s"] = round(n / self.stage_time[stage], 3)
+            out[f"throughput/{stage}_s"] = round(self.stage_time[stage], 2)
+        return out
