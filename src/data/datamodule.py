@@ -29,10 +29,11 @@ class StepTicker(IterableDataset):
 
 
 class ImageViews(Dataset):
-    """One full image a batch: rays (H, W, 3) and target rgb (H, W, 3), for rendering in chunks."""
+    """One full image a batch: rays (H, W, 3) and target rgb (H, W, 3), for rendering in chunks.
+    ``ray_fn`` maps camera rays to the rays the model uses (e.g. NDC for forward-facing scenes)."""
 
-    def __init__(self, views: Views) -> None:
-        self.views = views
+    def __init__(self, views: Views, ray_fn=None) -> None:
+        self.views, self.ray_fn = views, ray_fn
 
     def __len__(self) -> int:
         return len(self.views)
@@ -40,6 +41,8 @@ class ImageViews(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         h, w = self.views.hw
         rays_o, rays_d = get_rays(h, w, self.views.K, self.views.c2w[i])
+        if self.ray_fn is not None:
+            rays_o, rays_d = self.ray_fn(rays_o, rays_d)
         return {"rays_o": rays_o, "rays_d": rays_d, "rgb": self.views.rgb[i], "index": i}
 
 
@@ -113,3 +116,70 @@ class BlenderDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return DataLoader(ImageViews(self.splits["test"]), batch_size=None)
+
+
+class LLFFDataModule(BlenderDataModule):
+    """LLFF forward-facing scene at ``root`` (``poses_bounds.npy`` + ``images_<factor>``), loaded as NeRF does
+    (:mod:`src.data.llff`); with ``generate`` set, the procedural scene is written there in that layout.
+
+    Args: factor: image folder ``images_<factor>``. llffhold: every k-th image is held out (val and test).
+        bd_factor: scene scale so the nearest bound is 1 / bd_factor. ndc: rays in normalised device
+        coordinates (near 0, far 1), for forward-facing training; otherwise near/far from the bounds.
+        white_bkgd: composite transparent pixels on white. stride: every k-th frame per split.
+    """
+
+    def __init__(self, root: str, factor: int = 8, llffhold: int = 8, bd_factor: float = 0.75, ndc: bool = True,
+                 white_bkgd: bool = False, stride: dict[str, int] | None = None,
+                 generate: dict[str, int] | None = None) -> None:
+        super().__init__(root, 1, white_bkgd, 0.0, 1.0, stride, "test", generate)
+        self.factor, self.llffhold, self.bd_factor, self.ndc = int(factor), int(llffhold), bd_factor, ndc
+        self.scene: dict | None = None
+
+    def prepare_data(self) -> None:
+        if self.generate is not None:
+            from src.data.generate import write_llff
+
+            write_llff(self.root, **self.generate)
+        elif not self.root.is_dir():
+            raise DataError(f"data root not found: {self.root} (set data.root=/path/to/llff/scene)")
+
+    def ray_fn(self, rays_o: torch.Tensor, rays_d: torch.Tensor):
+        if not self.ndc:
+            return rays_o, rays_d
+        from src.data.llff import ndc_rays
+
+        h, w = self.scene["rgb"].shape[1:3]
+        return ndc_rays(h, w, float(self.scene["K"][0, 0]), 1.0, rays_o, rays_d)
+
+    def _load(self, split: str) -> Views:
+        if self.scene is None:
+            from src.data.llff import load_llff, split_views
+
+            self.scene = load_llff(self.root, self.factor, self.bd_factor, white_bkgd=self.white_bkgd)
+            bounds = self.scene["bounds"]
+            if not self.ndc:
+                self.near, self.far = float(bounds.min()) * 0.9, float(bounds.max())
+            for name, views in split_views(self.scene, self.llffhold).items():
+                k = self.stride[name]
+                self.splits[name] = Views(views.rgb[::k], views.c2w[::k], views.K, views.files[::k])
+        return self.splits[split]
+
+    def resolved_test_split(self) -> str:
+        return "test"
+
+    def setup(self, stage: str | None = None) -> None:
+        self.prepare_data()
+        if stage in (None, "fit") and self.train_rays is None:
+            train = self._load("train")
+            bank = RayBank.from_views(train.rgb, train.c2w, train.K)
+            o, d = self.ray_fn(bank.rays_o, bank.rays_d)
+            self.train_rays = RayBank(o, d, bank.rgb)
+        self._load("val")
+        if stage in (None, "test"):
+            self.test_split_used = "test"
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(ImageViews(self.splits["val"], self.ray_fn), batch_size=None)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(ImageViews(self.splits["test"], self.ray_fn), batch_size=None)

@@ -102,3 +102,54 @@ def write_blender(root: str | Path, image_size: int, n_train: int, n_val: int, n
         if not (stamp.exists() and json.loads(stamp.read_text()) == params):
             raise
     return root
+
+
+def forward_facing_cameras(n: int, distance: float = CAMERA_RADIUS, spread: float = 0.6) -> list[torch.Tensor]:
+    """``n`` roughly parallel cameras on a small patch of the plane ``y = -distance`` (a hand-held capture
+    of the scene from the front), all looking along +y, slightly down, as LLFF scenes are shot."""
+    poses = []
+    for i in range(n):
+        a = 2 * math.pi * i / max(n, 1) * 1.618
+        r = spread * math.sqrt((i + 0.5) / n)
+        eye = torch.tensor([r * math.cos(a), -distance, 0.6 + 0.6 * r * math.sin(a)], dtype=torch.float64)
+        poses.append(look_at(eye, eye + torch.tensor([0.0, distance, -0.6], dtype=torch.float64)))
+    return poses
+
+
+def write_llff(root: str | Path, image_size: int, n_views: int, supersample: int = 2, factor: int = 1,
+               scene: Scene | None = None) -> Path:
+    """The scene in the LLFF layout: ``poses_bounds.npy`` (rows of a 3x5 [down, right, backwards, centre,
+    (H, W, focal)] matrix and near/far bounds) and ``images`` (or ``images_<factor>``) composited on white.
+    Bounds come from the scene's bounding sphere. Skipped when an identical copy is there."""
+    root = Path(root)
+    params = {"format": "llff", "image_size": image_size, "n_views": n_views, "supersample": supersample,
+              "factor": factor, "version": 1}
+    stamp = root / "scene.json"
+    if stamp.exists() and json.loads(stamp.read_text()) == params:
+        return root
+    scene = scene or default_scene()
+    tmp = root.with_name(f"{root.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    folder = tmp / ("images" if factor == 1 else f"images_{factor}")
+    folder.mkdir(parents=True)
+    log.info("generating the procedural scene (LLFF layout) into %s (%s)", root, params)
+    focal = 0.5 * image_size / math.tan(0.5 * CAMERA_ANGLE_X)
+    rows = []
+    for i, c2w in enumerate(forward_facing_cameras(n_views)):
+        rgba = render_view(scene, c2w, image_size, supersample)
+        rgb = rgba[..., :3] * rgba[..., 3:] + (1 - rgba[..., 3:])
+        Image.fromarray(np.round(rgb * 255).astype(np.uint8), "RGB").save(folder / f"{i:03d}.png")
+        R, t = c2w[:3, :3].numpy(), c2w[:3, 3].numpy()
+        llff = np.stack([-R[:, 1], R[:, 0], R[:, 2], t], 1)  # [right, up, back] -> [down, right, back]
+        hwf = np.array([image_size * factor, image_size * factor, focal * factor])  # full-size images
+        depth = float(np.dot(-R[:, 2], -t))  # distance of the origin along the view axis
+        rows.append(np.concatenate([np.concatenate([llff, hwf[:, None]], 1).ravel(),
+                                    [max(depth - 1.6, 0.1), depth + 1.6]]))
+    np.save(tmp / "poses_bounds.npy", np.stack(rows))
+    (tmp / "scene.json").write_text(json.dumps(params))
+    if stamp.exists() and json.loads(stamp.read_text()) == params:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return root
+    shutil.rmtree(root, ignore_errors=True)
+    tmp.rename(root)
+    return root

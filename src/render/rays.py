@@ -17,6 +17,11 @@ def intrinsics_from_fov(width: int, height: int, camera_angle_x: float) -> torch
     return torch.tensor([[focal, 0.0, 0.5 * width], [0.0, focal, 0.5 * height], [0.0, 0.0, 1.0]])
 
 
+def intrinsics_from_focal(width: int, height: int, focal: float) -> torch.Tensor:
+    """K (3, 3) with focal length ``focal`` (pixels) and the principal point at the image centre."""
+    return torch.tensor([[focal, 0.0, 0.5 * width], [0.0, focal, 0.5 * height], [0.0, 0.0, 1.0]], dtype=torch.float32)
+
+
 def get_rays(height: int, width: int, K: torch.Tensor, c2w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rays through every pixel centre: origins and (unnormalised, camera z = -1) directions, (H, W, 3) each.
 

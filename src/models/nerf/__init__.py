@@ -1,0 +1,3 @@
+from src.models.nerf.module import NeRFModule
+
+__all__ = ["NeRFModule"]

@@ -1,0 +1,49 @@
+"""NeRF's MLP (Mildenhall et al., ECCV 2020): positional encoding, 8 x 256 ReLU layers with the encoded
+input concatenated again after layer 4, density from the trunk, view-dependent colour from a 128-wide head."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+def positional_encoding(x: torch.Tensor, n_freqs: int) -> torch.Tensor:
+    """``[x, sin(2^0 x), cos(2^0 x), ..., sin(2^(L-1) x), cos(2^(L-1) x)]`` (the paper's gamma, with the input
+    kept as NeRF's code does): (..., 3) -> (..., 3 + 6 L)."""
+    out = [x]
+    for k in range(n_freqs):
+        out += [torch.sin(x * 2.0**k), torch.cos(x * 2.0**k)]
+    return torch.cat(out, -1)
+
+
+class NeRFMLP(nn.Module):
+    def __init__(self, depth: int = 8, width: int = 256, skips: tuple[int, ...] = (4,), pe_xyz: int = 10,
+                 pe_dir: int = 4, use_viewdirs: bool = True) -> None:
+        super().__init__()
+        self.pe_xyz, self.pe_dir, self.skips, self.use_viewdirs = pe_xyz, pe_dir, tuple(skips), use_viewdirs
+        in_xyz, in_dir = 3 + 6 * pe_xyz, 3 + 6 * pe_dir
+        layers = [nn.Linear(in_xyz, width)]
+        for i in range(1, depth):
+            layers.append(nn.Linear(width + (in_xyz if (i - 1) in self.skips else 0), width))
+        self.trunk = nn.ModuleList(layers)
+        if use_viewdirs:
+            self.sigma = nn.Linear(width, 1)
+            self.feature = nn.Linear(width, width)
+            self.view = nn.Linear(width + in_dir, width // 2)
+            self.rgb = nn.Linear(width // 2, 3)
+        else:
+            self.out = nn.Linear(width, 4)
+
+    def forward(self, pts: torch.Tensor, viewdirs: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """pts (N, 3), unit viewdirs (N, 3) -> raw rgb (N, 3) (pre-sigmoid) and raw density (N,) (pre-ReLU)."""
+        x_in = positional_encoding(pts, self.pe_xyz)
+        h = x_in
+        for i, layer in enumerate(self.trunk):
+            h = torch.relu(layer(h))
+            if i in self.skips:
+                h = torch.cat([x_in, h], -1)
+        if not self.use_viewdirs:
+            out = self.out(h)
+            return out[:, :3], out[:, 3]
+        sigma = self.sigma(h)[:, 0]
+        h = torch.relu(self.view(torch.cat([self.feature(h), positional_encoding(viewdirs, self.pe_dir)], -1)))
+        return self.rgb(h), sigma
