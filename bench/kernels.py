@@ -26,19 +26,12 @@ import time
 from pathlib import Path
 
 import torch
+from _common import CUDA, ROOT, emit, sync  # bench/_common.py
 
-ROOT = Path(__file__).resolve().parents[1]
+from src import kernels
+from src.kernels import reference
 
-from src import kernels  # noqa: E402  (the installed package)
-from src.kernels import reference  # noqa: E402
-
-CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
-
-
-def sync():
-    if CUDA:
-        torch.cuda.synchronize()
 
 
 def measure(fn, min_time=1.0, max_reps=50):
@@ -273,12 +266,7 @@ def main() -> None:
                   *dist_table([int(n) for n in args.dist_n.split(",")], args.mem_cap_gb), ""]
     if "e2e" in sections:
         lines += ["## DVGO end to end (seed 000's table)", "", *e2e_table(args.lego), ""]
-    text = "\n".join(lines)
-    print(text)
-    out = Path(args.out or ROOT / "bench" / "results" / f"kernels_{'gpu' if CUDA else 'cpu'}.md")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text + "\n")
-
+    emit("\n".join(lines), "kernels", args.out)
 
 if __name__ == "__main__":
     main()

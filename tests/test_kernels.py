@@ -6,8 +6,6 @@ Without a GPU the Triton kernels run under ``TRITON_INTERPRET=1`` (set in confte
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 

@@ -131,3 +131,15 @@ def test_llff_bad_input_names_the_file(tmp_path):
     (tmp_path / "images_8").mkdir()
     with pytest.raises(DataError, match="0 images but .* has 3 poses"):
         load_llff(tmp_path, factor=8)
+
+
+def test_nerf_on_generated_llff_runs_and_writes_the_spiral(make_cfg, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "llff"
+    metrics = run(make_cfg("experiment=nerf_smoke", "data=synthetic_llff", "data.generate.image_size=24",
+                           "data.generate.n_views=12", "model.iters=60", "model.render_path_frames=3",
+                           "model.raw_noise_std=1.0", out=out))
+    assert metrics["data/test_split"] == "test" and metrics["test/psnr"] > 8
+    gif = Image.open(out / "render_path.gif")
+    assert gif.n_frames == 3 and gif.size == (24, 24)

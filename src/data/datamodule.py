@@ -56,19 +56,21 @@ class BlenderDataModule(L.LightningDataModule):
         near, far: ray bounds in units of the camera-z-normalised ray direction.
         stride: keep every k-th frame of each split, e.g. ``{val: 8}`` for a quick validation subset.
         test_split: the split rendered by ``trainer.test``; if its JSON is absent, ``val`` is used.
+        test_stride: every k-th frame of whichever split is tested (default: ``stride.test`` for the test
+            split, every frame of ``val`` when it stands in).
         generate: parameters of :func:`src.data.generate.write_blender`, or None for real data.
     """
 
     def __init__(self, root: str, downscale: int = 1, white_bkgd: bool = True, near: float = 2.0,
                  far: float = 6.0, stride: dict[str, int] | None = None, test_split: str = "test",
-                 generate: dict[str, int] | None = None) -> None:
+                 generate: dict[str, int] | None = None, test_stride: int | None = None) -> None:
         super().__init__()
         if int(downscale) != downscale or downscale < 1:
             raise ValueError(f"data.downscale must be a positive integer, got {downscale}")
         self.root, self.downscale, self.white_bkgd = Path(root), int(downscale), white_bkgd
         self.near, self.far = float(near), float(far)
         self.stride = {"train": 1, "val": 1, "test": 1, **(stride or {})}
-        self.test_split, self.generate = test_split, generate
+        self.test_split, self.generate, self.test_stride = test_split, generate, test_stride
         self.splits: dict[str, Views] = {}
         self.test_split_used: str | None = None  # set by setup("test"): test_split, or "val" if it is absent
         self.train_rays: RayBank | None = None
@@ -105,8 +107,13 @@ class BlenderDataModule(L.LightningDataModule):
         if stage in (None, "test"):
             if "test" not in self.splits:  # every frame of the test split (of val when test is absent)
                 split = self.test_split_used = self.resolved_test_split()
-                self.splits["test"] = load_split(self.root, split, self.downscale, self.white_bkgd,
-                                                 self.stride[split] if split == "test" else 1)
+                stride = self.test_stride or (self.stride[split] if split == "test" else 1)
+                self.splits["test"] = load_split(self.root, split, self.downscale, self.white_bkgd, stride)
+
+    def ray_fn(self, rays_o: torch.Tensor, rays_d: torch.Tensor):
+        return rays_o, rays_d
+
+    render_poses = None  # no camera path for object scenes (yet)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(StepTicker(), batch_size=None)
@@ -166,6 +173,11 @@ class LLFFDataModule(BlenderDataModule):
 
     def resolved_test_split(self) -> str:
         return "test"
+
+    @property
+    def render_poses(self) -> torch.Tensor | None:
+        """NeRF's spiral path around the average pose (120 c2w), for ``render_path.gif``."""
+        return None if self.scene is None else self.scene["spiral"]
 
     def setup(self, stage: str | None = None) -> None:
         self.prepare_data()

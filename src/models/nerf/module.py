@@ -3,6 +3,7 @@ then hierarchical sampling, alpha compositing through the shared kernels (``src.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -27,6 +28,8 @@ class NeRFModule(RenderMixin, L.LightningModule):
         precrop_iters, precrop_frac: train on the central ``precrop_frac`` of each image for the first
             ``precrop_iters`` steps (Blender). iters: training steps. chunk: rays per forward when rendering
             images (bounds memory: a full image never builds one huge batch). netchunk: points per MLP call.
+        render_path_frames: after testing, render this many frames of the datamodule's camera path (LLFF:
+            NeRF's spiral) into ``render_path.gif`` in the run dir (0: off).
     """
 
     def __init__(self, n_rand: int = 1024, n_samples: int = 64, n_importance: int = 128, perturb: bool = True,
@@ -34,7 +37,7 @@ class NeRFModule(RenderMixin, L.LightningModule):
                  netdepth: int = 8, netwidth: int = 256, netdepth_fine: int = 8, netwidth_fine: int = 256,
                  pe_xyz: int = 10, pe_dir: int = 4, use_viewdirs: bool = True, precrop_iters: int = 0,
                  precrop_frac: float = 0.5, iters: int = 200000, chunk: int = 32768, netchunk: int = 65536,
-                 seed: int = 0) -> None:
+                 seed: int = 0, render_path_frames: int = 0) -> None:
         super().__init__()
         self.save_hyperparameters()
         mlp = dict(pe_xyz=pe_xyz, pe_dir=pe_dir, use_viewdirs=use_viewdirs)
@@ -148,3 +151,27 @@ class NeRFModule(RenderMixin, L.LightningModule):
         self.log_dict({"train/loss": loss.detach(), "train/psnr": -10 * torch.log10(mse.detach())}, prog_bar=True,
                       batch_size=len(rays))
         return loss
+
+    # ---- camera-path video ------------------------------------------------------------------------
+    def on_test_end(self) -> None:
+        n = self.hparams.render_path_frames
+        dm = self.trainer.datamodule
+        path = getattr(dm, "render_poses", None)
+        if not n or path is None or not self.trainer.is_global_zero:
+            return
+        import numpy as np
+        from PIL import Image
+
+        from src.render import get_rays
+
+        views = dm.splits["test"]
+        h, w = views.hw
+        frames = []
+        for c2w in path[:: max(1, len(path) // n)][:n]:
+            rays_o, rays_d = get_rays(h, w, views.K, c2w)
+            rays_o, rays_d = dm.ray_fn(rays_o, rays_d)
+            rgb = self.render_image(rays_o.to(self.device), rays_d.to(self.device))["rgb"]
+            frames.append(Image.fromarray(np.round(rgb.clamp(0, 1).cpu().numpy() * 255).astype(np.uint8)))
+        out = Path(self.trainer.default_root_dir) / "render_path.gif"
+        frames[0].save(out, save_all=True, append_images=frames[1:], duration=40, loop=0)
+        log.info("wrote %d frames of the camera path to %s", len(frames), out)
