@@ -11,7 +11,6 @@ if not OmegaConf.has_resolver("project_root"):
     OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))
 
 
-
 def _multirun_group() -> str | None:
     """The sweep's name (its output dir) in a Hydra multirun, else None: one W&B group per sweep."""
     try:

@@ -1,1 +1,3 @@
-"""Callbacks any method switches on from the command line (profiling, memory growth, kernel A/B, ...)."""
+"""Callbacks any method switches on from the command line (``conf/callbacks``): ``profiler.ProfilerTable``,
+``memory.MemoryGrowth``, ``kernel_ab.KernelAB``, ``throughput.Throughput``; and ``sweep.SweepSummary``, a
+Hydra callback that tabulates a multirun."""
