@@ -29,6 +29,7 @@ import torch
 from _common import CUDA, ROOT, emit, sync  # bench/_common.py
 
 from src import kernels
+from src.callbacks.memory import peak_rss_mb, reset_peak_rss, rss_bytes
 from src.kernels import reference
 
 DEV = "cuda" if CUDA else "cpu"
@@ -152,19 +153,12 @@ def dist_case(impl: str, N: int, B: int = 8192, reps: int = 5) -> dict:
         loss.backward()
 
     if not CUDA:  # reset this process's peak RSS (VmHWM) to its current RSS, after the inputs exist
-        Path("/proc/self/clear_refs").write_text("5")
-        base_rss = _proc_status_mb("VmRSS")
+        reset_peak_rss()
+        base_rss = rss_bytes() / 2**20
     t, peak = measure(run, min_time=0.5, max_reps=reps)
     if peak is None:
-        peak = _proc_status_mb("VmHWM") - base_rss
+        peak = peak_rss_mb() - base_rss
     return {"time_ms": t * 1e3, "peak_mb": peak}
-
-
-def _proc_status_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024  # kB
-    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def dist_table(Ns, mem_cap_gb):

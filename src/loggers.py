@@ -34,3 +34,8 @@ def wandb_logger(save_dir: str, project: str = "neural3d", name: str | None = No
         log.info("W&B is offline (no login found): the run is saved under %s/wandb; upload it later with "
                  "`wandb sync %s/wandb/offline-run-*`", save_dir, save_dir)
     return logger
+
+
+def wandb_loggers(trainer) -> list:
+    """The trainer's W&B loggers (what dashboards-only artifacts - images, tables - are sent to)."""
+    return [lg for lg in trainer.loggers if type(lg).__name__ == "WandbLogger"]

@@ -13,6 +13,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from src import kernels
+from src.loggers import wandb_loggers
+from src.callbacks.memory import peak_rss_mb, reset_peak_rss
 from src.metrics import lpips_model
 
 log = logging.getLogger(__name__)
@@ -25,30 +27,19 @@ def _instantiate_all(group: DictConfig | None) -> list:
 def reset_peak_memory() -> None:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    try:  # Linux: reset this process's peak resident memory (VmHWM) to its current value
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
+    reset_peak_rss()
 
 
 def peak_memory_mb(device: torch.device) -> float:
     """Peak CUDA memory allocated on ``device``, or this process's peak resident memory (VmHWM) on a CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
+    return peak_rss_mb()
 
 
 def _finish_loggers(trainer: L.Trainer) -> None:
     """Close W&B runs (a multirun trains several in one process) and say how to upload offline ones."""
-    for logger in trainer.loggers:
-        if type(logger).__name__ != "WandbLogger":
-            continue
+    for logger in wandb_loggers(trainer):
         experiment = logger.experiment
         offline = getattr(experiment.settings, "mode", "") == "offline"
         run_dir = Path(experiment.dir).parent

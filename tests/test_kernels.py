@@ -47,6 +47,16 @@ def grads(fn, inputs):
     return out, torch.autograd.grad(out, inputs)
 
 
+def assert_same_grads(loss_fn, inputs, dtype):
+    """Input gradients of ``loss_fn`` under the triton backend equal those under torch."""
+    g = {}
+    for b in ("torch", "triton"):
+        with kernels.use_backend(b):
+            g[b] = grads(loss_fn, inputs)[1]
+    for a, e in zip(g["triton"], g["torch"]):
+        torch.testing.assert_close(a, e, **tol(dtype))
+
+
 # ------------------------------------------------------------------------------------------ raw2alpha
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_kernel_raw2alpha_values_and_gradients(dtype):
@@ -57,11 +67,7 @@ def test_kernel_raw2alpha_values_and_gradients(dtype):
     torch.testing.assert_close(out, ref, **tol(dtype))
     assert (out[:10] > 0).all()  # tiny alphas are resolved, not rounded to 0
     w = torch.randn_like(x)
-    g = {}
-    for b in ("torch", "triton"):
-        with kernels.use_backend(b):
-            _, (g[b],) = grads(lambda d: (kernels.raw2alpha(d, shift, interval) * w).sum(), [x])
-    torch.testing.assert_close(g["triton"], g["torch"], **tol(dtype))
+    assert_same_grads(lambda d: (kernels.raw2alpha(d, shift, interval) * w).sum(), [x], dtype)
 
 
 def test_kernel_raw2alpha_reference_gradcheck_and_definition():
@@ -101,11 +107,7 @@ def test_kernel_alpha_to_weights_values_and_gradients(dtype):
         w, T, T_last = kernels.alpha_to_weights(a, ray_id, n)
         return (w * cw).sum() + (T * cT).sum() + (T_last * cL).sum()
 
-    g = {}
-    for b in ("torch", "triton"):
-        with kernels.use_backend(b):
-            _, (g[b],) = grads(loss, [alpha])
-    torch.testing.assert_close(g["triton"], g["torch"], **tol(dtype))
+    assert_same_grads(loss, [alpha], dtype)
 
 
 def test_kernel_alpha_to_weights_gradcheck():
@@ -129,11 +131,7 @@ def test_kernel_segment_sum_values_and_gradients(dtype, shape):
     brute = torch.stack([values[ray_id == r].sum(0) for r in range(n)])
     torch.testing.assert_close(ref, brute, **tol(dtype))
     c = torch.randn_like(ref)
-    g = {}
-    for b in ("torch", "triton"):
-        with kernels.use_backend(b):
-            _, (g[b],) = grads(lambda v: (kernels.segment_sum(v, ray_id, n) * c).sum(), [values])
-    torch.testing.assert_close(g["triton"], g["torch"], **tol(dtype))
+    assert_same_grads(lambda v: (kernels.segment_sum(v, ray_id, n) * c).sum(), [values], dtype)
 
 
 def test_kernel_segment_sum_gradcheck():

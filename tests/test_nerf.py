@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from src.models.nerf import NeRFModule
-from src.models.nerf.network import NeRFMLP, positional_encoding
+from src.models.nerf.network import NeRFMLP
+from src.render.encoding import positional_encoding
 from src.pipeline import run
 from src.render.sampling import sample_pdf, stratified_depths
 

@@ -86,7 +86,7 @@ def test_projection_inverts_rays():
 
 def test_distortion_loss_equals_the_quadratic_definition_on_ragged_rays():
     """Seed 003's O(N^2) definition, per ray, averaged over rays (rays without samples contribute 0)."""
-    from src.render.distortion import distortion_loss
+    distortion_loss = kernels.distortion_loss
 
     counts = [4, 0, 1, 9]
     w, ray_id = ragged(counts, seed=2)

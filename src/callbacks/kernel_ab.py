@@ -18,6 +18,7 @@ import lightning as L
 import torch
 
 from src import kernels
+from src.loggers import wandb_loggers
 
 log = logging.getLogger(__name__)
 DIFFERENTIABLE = {"raw2alpha", "alpha_to_weights", "segment_sum", "distortion_loss"}
@@ -126,11 +127,9 @@ class KernelAB(L.Callback):
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "kernel_ab.txt").write_text(text + "\n")
         log.info("kernel A/B on step %d:\n%s", self.step, text)
-        if trainer is not None:
-            for logger in trainer.loggers:
-                if type(logger).__name__ == "WandbLogger":
-                    cols = ["op", "backend", "torch_ms", "fast_ms", "speedup", "max_abs_err", "max_abs_grad_err"]
-                    logger.log_table(key="kernel_ab", columns=cols, data=[[r.get(c) for c in cols] for r in self.rows])
+        cols = ["op", "backend", "torch_ms", "fast_ms", "speedup", "max_abs_err", "max_abs_grad_err"]
+        for logger in wandb_loggers(trainer) if trainer is not None else []:
+            logger.log_table(key="kernel_ab", columns=cols, data=[[r.get(c) for c in cols] for r in self.rows])
         bad = [r["op"] for r in self.rows
                if max(r.get("max_abs_err") or 0.0, r.get("max_abs_grad_err") or 0.0) > self.tol]
         if bad:

@@ -35,15 +35,34 @@ class MemoryGrowthError(RuntimeError):
     pass
 
 
+def _proc_status_kb(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
 def rss_bytes() -> int:
     """Resident set size of this process (Linux /proc; 0 where unavailable)."""
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-    except OSError:
-        return 0
-    import os
+    kb = _proc_status_kb("VmRSS")
+    return 0 if kb is None else kb * 1024
 
-    return pages * os.sysconf("SC_PAGE_SIZE")
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM) in MiB since start or :func:`reset_peak_rss` (NaN off Linux)."""
+    kb = _proc_status_kb("VmHWM")
+    return float("nan") if kb is None else kb / 1024
+
+
+def reset_peak_rss() -> None:
+    """Reset the peak resident memory (VmHWM) to the current one (Linux; a no-op elsewhere)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
 
 
 def theil_sen_slope(ys: list[float]) -> float:

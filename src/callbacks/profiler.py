@@ -12,6 +12,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from src.loggers import wandb_loggers
 from torch.profiler import ProfilerActivity, profile, schedule
 
 log = logging.getLogger(__name__)
@@ -65,18 +66,18 @@ class ProfilerTable(L.Callback):
     def _write(self, prof, phase: str, trainer) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         table = prof.key_averages().table(sort_by=self._sort_key, row_limit=self.row_limit)
-        header = (f"# {phase}: torch.profiler op table, sorted by {self._sort_key} "
-                  f"({'steps ' + str(self.start_step + self.wait + self.warmup) + '..' + str(self.start_step + self.wait + self.warmup + self.active - 1) if phase == 'train' else str(self.val_batches) + ' validation batches'})\n")
+        first = self.start_step + self.wait + self.warmup
+        window = f"steps {first}..{first + self.active - 1}" if phase == "train" else f"{self.val_batches} validation batches"
+        header = f"# {phase}: torch.profiler op table, sorted by {self._sort_key} ({window})\n"
         (self.dir / f"{phase}_table.txt").write_text(header + table + "\n")
         prof.export_chrome_trace(str(self.dir / f"{phase}_trace.json"))
         self.tables[phase] = op_rows(prof, self._sort_key, self.row_limit)
         self._done[phase] = True
         log.info("profiler: wrote %s", self.dir / f"{phase}_table.txt")
-        for logger in trainer.loggers:
-            if type(logger).__name__ == "WandbLogger":
-                rows = self.tables[phase]
-                logger.log_table(key=f"profile/{phase}_table", columns=list(rows[0]) if rows else ["name"],
-                                 data=[list(r.values()) for r in rows])
+        rows = self.tables[phase]
+        for logger in wandb_loggers(trainer):
+            logger.log_table(key=f"profile/{phase}_table", columns=list(rows[0]) if rows else ["name"],
+                             data=[list(r.values()) for r in rows])
 
     # ---- training window ------------------------------------------------------------------------
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:

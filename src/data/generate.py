@@ -7,11 +7,12 @@ transparent) and ``transforms_{split}.json`` with ``camera_angle_x`` and camera-
 from __future__ import annotations
 
 import json
-import os
 import logging
 import math
+import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -68,30 +69,23 @@ def render_view(scene: Scene, c2w: torch.Tensor, size: int, supersample: int) ->
     return torch.cat([straight, a], -1).numpy()
 
 
-def write_blender(root: str | Path, image_size: int, n_train: int, n_val: int, n_test: int,
-                  supersample: int = 2, scene: Scene | None = None) -> Path:
-    """Render the scene into ``root`` in the Blender layout, skipping the work if an identical copy is there."""
-    root = Path(root)
-    params = {"format": "blender", "image_size": image_size, "n_train": n_train, "n_val": n_val,
-              "n_test": n_test, "supersample": supersample, "version": 1}
+def _write_once(root: Path, params: dict, fill: Callable[[Path], None]) -> Path:
+    """Write a generated dataset to ``root`` unless an identical one (same ``scene.json``) is there: ``fill``
+    writes into a per-process temporary folder renamed into place, so concurrent writers (DDP ranks) and
+    interrupted runs never leave a half-written scene."""
     stamp = root / "scene.json"
-    if stamp.exists() and json.loads(stamp.read_text()) == params:
+
+    def done() -> bool:
+        return stamp.exists() and json.loads(stamp.read_text()) == params
+
+    if done():
         return root
-    scene = scene or default_scene()
-    tmp = root.with_name(f"{root.name}.tmp{os.getpid()}")  # per process: DDP ranks may generate at once
+    tmp = root.with_name(f"{root.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     log.info("generating the procedural scene into %s (%s)", root, params)
-    for split, n, offset in (("train", n_train, 0.0), ("val", n_val, 0.37), ("test", n_test, 0.71)):
-        (tmp / split).mkdir(parents=True)
-        frames = []
-        for i, c2w in enumerate(hemisphere_cameras(n, offset)):
-            rgba = render_view(scene, c2w, image_size, supersample)
-            Image.fromarray(np.round(rgba * 255).astype(np.uint8), "RGBA").save(tmp / split / f"r_{i}.png")
-            frames.append({"file_path": f"./{split}/r_{i}", "transform_matrix": c2w.tolist()})
-        (tmp / f"transforms_{split}.json").write_text(
-            json.dumps({"camera_angle_x": CAMERA_ANGLE_X, "frames": frames}, indent=1))
+    fill(tmp)
     (tmp / "scene.json").write_text(json.dumps(params))
-    if stamp.exists() and json.loads(stamp.read_text()) == params:  # another process finished first
+    if done():  # another process finished first
         shutil.rmtree(tmp, ignore_errors=True)
         return root
     shutil.rmtree(root, ignore_errors=True)
@@ -99,9 +93,30 @@ def write_blender(root: str | Path, image_size: int, n_train: int, n_val: int, n
         tmp.rename(root)
     except OSError:  # lost a race to another process writing the same scene
         shutil.rmtree(tmp, ignore_errors=True)
-        if not (stamp.exists() and json.loads(stamp.read_text()) == params):
+        if not done():
             raise
     return root
+
+
+def write_blender(root: str | Path, image_size: int, n_train: int, n_val: int, n_test: int,
+                  supersample: int = 2, scene: Scene | None = None) -> Path:
+    """Render the scene into ``root`` in the Blender layout, skipping the work if an identical copy is there."""
+    params = {"format": "blender", "image_size": image_size, "n_train": n_train, "n_val": n_val,
+              "n_test": n_test, "supersample": supersample, "version": 1}
+
+    def fill(tmp: Path) -> None:
+        sc = scene or default_scene()
+        for split, n, offset in (("train", n_train, 0.0), ("val", n_val, 0.37), ("test", n_test, 0.71)):
+            (tmp / split).mkdir(parents=True)
+            frames = []
+            for i, c2w in enumerate(hemisphere_cameras(n, offset)):
+                rgba = render_view(sc, c2w, image_size, supersample)
+                Image.fromarray(np.round(rgba * 255).astype(np.uint8), "RGBA").save(tmp / split / f"r_{i}.png")
+                frames.append({"file_path": f"./{split}/r_{i}", "transform_matrix": c2w.tolist()})
+            (tmp / f"transforms_{split}.json").write_text(
+                json.dumps({"camera_angle_x": CAMERA_ANGLE_X, "frames": frames}, indent=1))
+
+    return _write_once(Path(root), params, fill)
 
 
 def forward_facing_cameras(n: int, distance: float = CAMERA_RADIUS, spread: float = 0.6) -> list[torch.Tensor]:
@@ -121,35 +136,25 @@ def write_llff(root: str | Path, image_size: int, n_views: int, supersample: int
     """The scene in the LLFF layout: ``poses_bounds.npy`` (rows of a 3x5 [down, right, backwards, centre,
     (H, W, focal)] matrix and near/far bounds) and ``images`` (or ``images_<factor>``) composited on white.
     Bounds come from the scene's bounding sphere. Skipped when an identical copy is there."""
-    root = Path(root)
     params = {"format": "llff", "image_size": image_size, "n_views": n_views, "supersample": supersample,
               "factor": factor, "version": 1}
-    stamp = root / "scene.json"
-    if stamp.exists() and json.loads(stamp.read_text()) == params:
-        return root
-    scene = scene or default_scene()
-    tmp = root.with_name(f"{root.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    folder = tmp / ("images" if factor == 1 else f"images_{factor}")
-    folder.mkdir(parents=True)
-    log.info("generating the procedural scene (LLFF layout) into %s (%s)", root, params)
-    focal = 0.5 * image_size / math.tan(0.5 * CAMERA_ANGLE_X)
-    rows = []
-    for i, c2w in enumerate(forward_facing_cameras(n_views)):
-        rgba = render_view(scene, c2w, image_size, supersample)
-        rgb = rgba[..., :3] * rgba[..., 3:] + (1 - rgba[..., 3:])
-        Image.fromarray(np.round(rgb * 255).astype(np.uint8), "RGB").save(folder / f"{i:03d}.png")
-        R, t = c2w[:3, :3].numpy(), c2w[:3, 3].numpy()
-        llff = np.stack([-R[:, 1], R[:, 0], R[:, 2], t], 1)  # [right, up, back] -> [down, right, back]
-        hwf = np.array([image_size * factor, image_size * factor, focal * factor])  # full-size images
-        depth = float(np.dot(-R[:, 2], -t))  # distance of the origin along the view axis
-        rows.append(np.concatenate([np.concatenate([llff, hwf[:, None]], 1).ravel(),
-                                    [max(depth - 1.6, 0.1), depth + 1.6]]))
-    np.save(tmp / "poses_bounds.npy", np.stack(rows))
-    (tmp / "scene.json").write_text(json.dumps(params))
-    if stamp.exists() and json.loads(stamp.read_text()) == params:
-        shutil.rmtree(tmp, ignore_errors=True)
-        return root
-    shutil.rmtree(root, ignore_errors=True)
-    tmp.rename(root)
-    return root
+    focal = float(intrinsics_from_fov(image_size, image_size, CAMERA_ANGLE_X)[0, 0])
+
+    def fill(tmp: Path) -> None:
+        sc = scene or default_scene()
+        folder = tmp / ("images" if factor == 1 else f"images_{factor}")
+        folder.mkdir(parents=True)
+        rows = []
+        for i, c2w in enumerate(forward_facing_cameras(n_views)):
+            rgba = render_view(sc, c2w, image_size, supersample)
+            rgb = rgba[..., :3] * rgba[..., 3:] + (1 - rgba[..., 3:])
+            Image.fromarray(np.round(rgb * 255).astype(np.uint8), "RGB").save(folder / f"{i:03d}.png")
+            R, t = c2w[:3, :3].numpy(), c2w[:3, 3].numpy()
+            llff = np.stack([-R[:, 1], R[:, 0], R[:, 2], t], 1)  # [right, up, back] -> [down, right, back]
+            hwf = np.array([image_size * factor, image_size * factor, focal * factor])  # full-size images
+            depth = float(np.dot(-R[:, 2], -t))  # distance of the origin along the view axis
+            rows.append(np.concatenate([np.concatenate([llff, hwf[:, None]], 1).ravel(),
+                                        [max(depth - 1.6, 0.1), depth + 1.6]]))
+        np.save(tmp / "poses_bounds.npy", np.stack(rows))
+
+    return _write_once(Path(root), params, fill)

@@ -59,6 +59,28 @@ def _softplus(x):
     return tl.maximum(x, 0.0) + _log1p(tl.exp(-tl.abs(x)))
 
 
+@triton.jit
+def _ray_lanes(starts_ptr, counts_ptr, n_rays, BLOCK_R: tl.constexpr):
+    """This program's rays (one lane each): ray index, lane mask, first sample, sample count."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rm = r < n_rays
+    return r, rm, tl.load(starts_ptr + r, mask=rm, other=0), tl.load(counts_ptr + r, mask=rm, other=0)
+
+
+def _layout(ray_id: torch.Tensor, n_rays: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Per-ray first sample and count (sorted ``ray_id``), and the longest ray's count."""
+    _, counts, starts = ray_layout(ray_id, n_rays)
+    return starts, counts, int(counts.max()) if counts.numel() else 0
+
+
+@triton.jit
+def _interval(iv_ptr, i, msk, IV_TENSOR: tl.constexpr):
+    """The distortion loss's interval: per sample, or one scalar."""
+    if IV_TENSOR:
+        return tl.load(iv_ptr + i, mask=msk, other=0.0)
+    return tl.load(iv_ptr)
+
+
 # ------------------------------------------------------------------------------------------ raw2alpha
 @triton.jit
 def _raw2alpha_fwd(x_ptr, out_ptr, p_ptr, n, BLOCK: tl.constexpr):
@@ -106,10 +128,7 @@ def raw2alpha(density, shift, interval):
 @triton.jit
 def _alpha2w_fwd(alpha_ptr, starts_ptr, counts_ptr, w_ptr, T_ptr, Tlast_ptr, n_rays, max_n,
                  BLOCK_R: tl.constexpr):
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    rm = r < n_rays
-    start = tl.load(starts_ptr + r, mask=rm, other=0)
-    count = tl.load(counts_ptr + r, mask=rm, other=0)
+    r, rm, start, count = _ray_lanes(starts_ptr, counts_ptr, n_rays, BLOCK_R)
     trans = tl.zeros([BLOCK_R], dtype=alpha_ptr.dtype.element_ty) + 1.0
     for k in range(0, max_n):
         m = rm & (k < count)
@@ -125,10 +144,7 @@ def _alpha2w_bwd(alpha_ptr, T_ptr, starts_ptr, counts_ptr, gw_ptr, gT_ptr, gTlas
                  BLOCK_R: tl.constexpr):
     # dL/da_k = T_k (gw_k - R_k), R_k = sum_{i>k} (gw_i a_i + gT_i) prod_{k<j<i} (1 - a_j) + gTlast prod_{j>k} (1 - a_j)
     # accumulated back to front: R_{k-1} = gw_k a_k + gT_k + (1 - a_k) R_k; no division by (1 - a).
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    rm = r < n_rays
-    start = tl.load(starts_ptr + r, mask=rm, other=0)
-    count = tl.load(counts_ptr + r, mask=rm, other=0)
+    r, rm, start, count = _ray_lanes(starts_ptr, counts_ptr, n_rays, BLOCK_R)
     R = tl.load(gTlast_ptr + r, mask=rm, other=0.0)
     for kk in range(0, max_n):
         k = count - 1 - kk
@@ -145,8 +161,7 @@ class _AlphaToWeights(torch.autograd.Function):
     @staticmethod
     def forward(ctx, alpha, ray_id, n_rays):
         alpha = alpha.contiguous()
-        _, counts, starts = ray_layout(ray_id, n_rays)
-        max_n = int(counts.max()) if counts.numel() else 0
+        starts, counts, max_n = _layout(ray_id, n_rays)
         w, T = torch.empty_like(alpha), torch.empty_like(alpha)
         T_last = alpha.new_empty(n_rays)
         if n_rays:
@@ -196,8 +211,7 @@ class _SegmentSum(torch.autograd.Function):
         shape = values.shape
         v = values.reshape(shape[0], -1).contiguous()
         C = v.shape[1]
-        _, counts, starts = ray_layout(ray_id, n_rays)
-        max_n = int(counts.max()) if counts.numel() else 0
+        starts, counts, max_n = _layout(ray_id, n_rays)
         out = v.new_zeros(n_rays, C)
         if n_rays and C:
             _segsum_fwd[_grid(n_rays, BLOCK_R)](v, starts, counts, out, n_rays, C, max_n, BLOCK_R=BLOCK_R,
@@ -346,10 +360,7 @@ def total_variation_add_grad(param, grad, wx, wy, wz, dense_mode):
 @triton.jit
 def _dist_fwd(w_ptr, m_ptr, iv_ptr, starts_ptr, counts_ptr, loss_ptr, wsum_ptr, wmsum_ptr, n_rays, max_n,
               IV_TENSOR: tl.constexpr, BLOCK_R: tl.constexpr):
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    rm = r < n_rays
-    start = tl.load(starts_ptr + r, mask=rm, other=0)
-    count = tl.load(counts_ptr + r, mask=rm, other=0)
+    r, rm, start, count = _ray_lanes(starts_ptr, counts_ptr, n_rays, BLOCK_R)
     A = tl.zeros([BLOCK_R], dtype=w_ptr.dtype.element_ty)  # sum of w before this sample
     B = tl.zeros_like(A)  # sum of w * m before this sample
     loss = tl.zeros_like(A)
@@ -357,10 +368,7 @@ def _dist_fwd(w_ptr, m_ptr, iv_ptr, starts_ptr, counts_ptr, loss_ptr, wsum_ptr, 
         msk = rm & (k < count)
         w = tl.load(w_ptr + start + k, mask=msk, other=0.0)
         s = tl.load(m_ptr + start + k, mask=msk, other=0.0)
-        if IV_TENSOR:
-            iv = tl.load(iv_ptr + start + k, mask=msk, other=0.0)
-        else:
-            iv = tl.load(iv_ptr)
+        iv = _interval(iv_ptr, start + k, msk, IV_TENSOR)
         loss += 2.0 * w * (s * A - B) + iv * w * w / 3.0
         A += w
         B += w * s
@@ -374,10 +382,7 @@ def _dist_bwd(w_ptr, m_ptr, iv_ptr, starts_ptr, counts_ptr, wsum_ptr, wmsum_ptr,
               g_ptr, n_rays, max_n, IV_TENSOR: tl.constexpr, BLOCK_R: tl.constexpr):
     # d/dw_k = 2 (m_k (2 A_k - W) + WM - 2 B_k) + 2/3 iv_k w_k ; d/dm_k = 2 w_k (2 A_k + w_k - W)
     gscale = tl.load(g_ptr)  # upstream gradient / n_rays
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    rm = r < n_rays
-    start = tl.load(starts_ptr + r, mask=rm, other=0)
-    count = tl.load(counts_ptr + r, mask=rm, other=0)
+    r, rm, start, count = _ray_lanes(starts_ptr, counts_ptr, n_rays, BLOCK_R)
     W = tl.load(wsum_ptr + r, mask=rm, other=0.0)
     WM = tl.load(wmsum_ptr + r, mask=rm, other=0.0)
     A = tl.zeros_like(W)
@@ -386,11 +391,9 @@ def _dist_bwd(w_ptr, m_ptr, iv_ptr, starts_ptr, counts_ptr, wsum_ptr, wmsum_ptr,
         msk = rm & (k < count)
         w = tl.load(w_ptr + start + k, mask=msk, other=0.0)
         s = tl.load(m_ptr + start + k, mask=msk, other=0.0)
+        iv = _interval(iv_ptr, start + k, msk, IV_TENSOR)
         if IV_TENSOR:
-            iv = tl.load(iv_ptr + start + k, mask=msk, other=0.0)
             tl.store(giv_ptr + start + k, gscale * w * w / 3.0, mask=msk)
-        else:
-            iv = tl.load(iv_ptr)
         tl.store(gw_ptr + start + k, gscale * (2.0 * (s * (2.0 * A - W) + WM - 2.0 * B) + 2.0 * iv * w / 3.0), mask=msk)
         tl.store(gm_ptr + start + k, gscale * 2.0 * w * (2.0 * A + w - W), mask=msk)
         A += w
@@ -403,8 +406,7 @@ class _Distortion(torch.autograd.Function):
         w, m = w.contiguous(), m.contiguous()
         iv_tensor = torch.is_tensor(interval) and interval.dim() > 0
         iv = interval.to(w).expand_as(w).contiguous() if iv_tensor else _scalars(w, interval)
-        _, counts, starts = ray_layout(ray_id, n_rays)
-        max_n = int(counts.max()) if counts.numel() else 0
+        starts, counts, max_n = _layout(ray_id, n_rays)
         loss, W, WM = w.new_zeros(n_rays), w.new_zeros(n_rays), w.new_zeros(n_rays)
         if n_rays:
             _dist_fwd[_grid(n_rays, BLOCK_R)](w, m, iv, starts, counts, loss, W, WM, n_rays, max_n,

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from src.loggers import wandb_loggers
 from src.metrics import lpips_model, psnr, ssim
 
 
@@ -47,10 +48,9 @@ class RenderMixin:
         if batch_idx == 0 and self.trainer.is_global_zero:
             panel = torch.cat([out["rgb"], batch["rgb"], depth_to_gray(out["depth"], out["acc"])], 1)
             save_png(Path(self.trainer.default_root_dir) / "val_images" / f"step{self.global_step:06d}.png", panel)
-            for logger in self.trainer.loggers:
-                if type(logger).__name__ == "WandbLogger":
-                    logger.log_image(key="val/panel", images=[panel.clamp(0, 1).cpu().numpy()], step=self.global_step,
-                                     caption=["prediction | ground truth | depth"])
+            for logger in wandb_loggers(self.trainer):
+                logger.log_image(key="val/panel", images=[panel.clamp(0, 1).cpu().numpy()], step=self.global_step,
+                                 caption=["prediction | ground truth | depth"])
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         out = self._evaluate(batch, "test")

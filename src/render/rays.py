@@ -13,8 +13,7 @@ import torch
 
 def intrinsics_from_fov(width: int, height: int, camera_angle_x: float) -> torch.Tensor:
     """K (3, 3) with ``focal = 0.5 W / tan(0.5 camera_angle_x)`` and the principal point at the centre."""
-    focal = 0.5 * width / math.tan(0.5 * camera_angle_x)
-    return torch.tensor([[focal, 0.0, 0.5 * width], [0.0, focal, 0.5 * height], [0.0, 0.0, 1.0]])
+    return intrinsics_from_focal(width, height, 0.5 * width / math.tan(0.5 * camera_angle_x))
 
 
 def intrinsics_from_focal(width: int, height: int, focal: float) -> torch.Tensor:

@@ -11,13 +11,7 @@ import torch.nn.functional as F
 from src import kernels
 from src.models.dvgo.grid import DenseGrid, MaskGrid, grid_points
 from src.render import composite, render_weights
-
-
-def positional_encoding(x: torch.Tensor, n_freqs: int) -> torch.Tensor:
-    """[x, sin(2^k x), cos(2^k x)] for k < n_freqs: (N, 3) -> (N, 3 + 6 n_freqs)."""
-    freqs = 2.0 ** torch.arange(n_freqs, device=x.device, dtype=x.dtype)
-    emb = (x[..., None] * freqs).flatten(-2)  # (N, 3 n_freqs)
-    return torch.cat([x, emb.sin(), emb.cos()], -1)
+from src.render.encoding import positional_encoding
 
 
 class DirectVoxGO(nn.Module):

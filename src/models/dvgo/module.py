@@ -17,7 +17,6 @@ from src.models.base import RenderMixin
 from src.models.dvgo import setup as dvgo_setup
 from src.models.dvgo.field import DirectVoxGO
 from src.models.dvgo.grid import MaskGrid
-from src.render.distortion import distortion_loss
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +77,7 @@ class DVGOModule(RenderMixin, L.LightningModule):
         self.sampler: RaySampler | None = None
         self.stage_time = {"coarse": 0.0, "fine": 0.0}
         self.pool_mask: torch.Tensor | None = None
+        self._manual_grad_sync = False  # set under DDP (on_train_start)
 
     # ---- schedule ---------------------------------------------------------------------------------
     @property
@@ -97,7 +97,6 @@ class DVGOModule(RenderMixin, L.LightningModule):
         return self.fine_cfg if int(self.stage) == 2 else self.coarse_cfg
 
     def on_train_start(self) -> None:
-        self._manual_grad_sync = False
         model = self.trainer.model  # wrapped by now
         # DVGO replaces its grid parameters at stage starts and progressive-scaling steps, which DDP's
         # reducer (built once over the initial parameters) cannot follow: it is kept out of the backward
@@ -147,13 +146,17 @@ class DVGOModule(RenderMixin, L.LightningModule):
         log.info("in_maskcache sampling: %d of %d training rays hit the coarse geometry", pool.numel(), len(self.ray_bank))
         self.sampler.restrict(pool.cpu(), from_step=step, mode="permutation")
 
+    def _local_step(self, step: int) -> int:
+        """Steps since the current stage started (DVGO's per-stage step counter)."""
+        return step - (self.coarse_cfg.iters if int(self.stage) == 2 else 0)
+
     def _advance_schedule(self, step: int) -> None:
         """Stage switches, progressive scaling and occupancy-cache refreshes due at ``step``."""
         if int(self.stage) == 0:
             self._start_coarse()
         if int(self.stage) == 1 and step >= self.coarse_cfg.iters:
             self._start_fine(step)
-        local = step - (self.coarse_cfg.iters if int(self.stage) == 2 else 0)
+        local = self._local_step(step)
         if (local + 500) % 1000 == 0:
             self.field.update_occupancy_cache()
         if int(self.stage) == 2 and local in self.fine_cfg.pg_scale:
@@ -205,7 +208,7 @@ class DVGOModule(RenderMixin, L.LightningModule):
         if hp.weight_distortion > 0:
             n_max = int(out["n_steps"].max())
             s = (out["step_id"].float() + 0.5) / n_max
-            loss = loss + hp.weight_distortion * distortion_loss(out["weights"], s, 1 / n_max, out["ray_id"], len(rays))
+            loss = loss + hp.weight_distortion * kernels.distortion_loss(out["weights"], s, 1 / n_max, out["ray_id"], len(rays))
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"non-finite training loss ({loss.item()}) at step {step} ({self.stage_name} stage); "
@@ -213,13 +216,13 @@ class DVGOModule(RenderMixin, L.LightningModule):
 
         opt = self.optimizers()
         opt.zero_grad(set_to_none=True)
-        sync = getattr(self, "_manual_grad_sync", False)
+        sync = self._manual_grad_sync
         if sync:  # Lightning re-arms DDP's reducer before every step: disarm it for this backward
             self.trainer.model.require_backward_grad_sync = False
         self.manual_backward(loss)
         if sync:
             self._average_gradients()
-        self._total_variation(step - (self.coarse_cfg.iters if int(self.stage) == 2 else 0), len(rays))
+        self._total_variation(self._local_step(step), len(rays))
         opt.step()
         decay = 0.1 ** (1 / (hp.lrate_decay * 1000))
         for group in opt.optimizer.param_groups:
@@ -234,7 +237,7 @@ class DVGOModule(RenderMixin, L.LightningModule):
         return loss.detach()
 
     def on_train_end(self) -> None:
-        if getattr(self, "_manual_grad_sync", False):  # DDP: every rank must end with the same field
+        if self._manual_grad_sync:  # DDP: every rank must end with the same field
             import torch.distributed as dist
 
             with torch.no_grad():

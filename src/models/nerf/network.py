@@ -5,14 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-
-def positional_encoding(x: torch.Tensor, n_freqs: int) -> torch.Tensor:
-    """``[x, sin(2^0 x), cos(2^0 x), ..., sin(2^(L-1) x), cos(2^(L-1) x)]`` (the paper's gamma, with the input
-    kept as NeRF's code does): (..., 3) -> (..., 3 + 6 L)."""
-    out = [x]
-    for k in range(n_freqs):
-        out += [torch.sin(x * 2.0**k), torch.cos(x * 2.0**k)]
-    return torch.cat(out, -1)
+from src.render.encoding import positional_encoding
 
 
 class NeRFMLP(nn.Module):
