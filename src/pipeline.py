@@ -44,6 +44,12 @@ def _finish_loggers(trainer: L.Trainer) -> None:
         offline = getattr(experiment.settings, "mode", "") == "offline"
         run_dir = Path(experiment.dir).parent
         experiment.finish()
+        import wandb  # only reached with a W&B logger
+
+        if wandb.run is None:
+            # finish() can return before the W&B service has flushed and closed the run's record log; tearing
+            # the service down waits for that, so the run dir is complete (`wandb sync`-able) when we return.
+            wandb.teardown()
         if offline and trainer.is_global_zero:
             log.info("W&B run saved offline in %s; upload it with: wandb sync %s", run_dir, run_dir)
 
