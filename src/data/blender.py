@@ -26,12 +26,25 @@ class DataError(ValueError):
 
 @dataclass
 class Views:
-    """Posed images of one split: rgb (N, H, W, 3) float32 in [0, 1], c2w (N, 4, 4), shared K (3, 3)."""
+    """Posed images of one split: rgb (N, H, W, 3) float32 in [0, 1], c2w (N, 4, 4), K shared (3, 3) or per
+    view (N, 3, 3), and optionally foreground masks (N, H, W) in [0, 1] (NeuS data)."""
 
     rgb: torch.Tensor
     c2w: torch.Tensor
     K: torch.Tensor
     files: list[str]
+    mask: torch.Tensor | None = None
+
+    def intrinsics(self, i: int) -> torch.Tensor:
+        """K (3, 3) of view ``i``."""
+        return self.K[i] if self.K.dim() == 3 else self.K
+
+    def subset(self, idx) -> "Views":
+        """The views ``idx`` (a slice or index list), keeping per-view intrinsics and masks aligned."""
+        pick = (lambda t: t[idx]) if isinstance(idx, slice) else (lambda t: t[torch.as_tensor(idx, dtype=torch.long)])
+        files = self.files[idx] if isinstance(idx, slice) else [self.files[i] for i in idx]
+        return Views(pick(self.rgb), pick(self.c2w), pick(self.K) if self.K.dim() == 3 else self.K, files,
+                     None if self.mask is None else pick(self.mask))
 
     @property
     def hw(self) -> tuple[int, int]:

@@ -40,10 +40,13 @@ class ImageViews(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         h, w = self.views.hw
-        rays_o, rays_d = get_rays(h, w, self.views.K, self.views.c2w[i])
+        rays_o, rays_d = get_rays(h, w, self.views.intrinsics(i), self.views.c2w[i])
         if self.ray_fn is not None:
             rays_o, rays_d = self.ray_fn(rays_o, rays_d)
-        return {"rays_o": rays_o, "rays_d": rays_d, "rgb": self.views.rgb[i], "index": i}
+        item = {"rays_o": rays_o, "rays_d": rays_d, "rgb": self.views.rgb[i], "index": i}
+        if self.views.mask is not None:
+            item["mask"] = self.views.mask[i]
+        return item
 
 
 class BlenderDataModule(L.LightningDataModule):
@@ -168,7 +171,7 @@ class LLFFDataModule(BlenderDataModule):
                 self.near, self.far = float(bounds.min()) * 0.9, float(bounds.max())
             for name, views in split_views(self.scene, self.llffhold).items():
                 k = self.stride[name]
-                self.splits[name] = Views(views.rgb[::k], views.c2w[::k], views.K, views.files[::k])
+                self.splits[name] = views.subset(slice(None, None, k))
         return self.splits[split]
 
     def resolved_test_split(self) -> str:
@@ -195,3 +198,65 @@ class LLFFDataModule(BlenderDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return DataLoader(ImageViews(self.splits["test"], self.ray_fn), batch_size=None)
+
+
+class NeuSDataModule(BlenderDataModule):
+    """A scene in the NeuS / IDR layout of DTU (``cameras_sphere.npz``, ``image/``, ``mask/``; :mod:`src.data.neus`),
+    in the normalised space where the region of interest is the unit sphere; with ``generate`` set, the
+    procedural scene is written there in that layout first (and its exact surface is the ground truth).
+
+    Args: downscale: integer area-resize factor. holdout: every k-th view is held out for val/test (0: NeuS's
+        protocol, train on every view; val/test then render training views, every ``stride.test``-th).
+        stride: every k-th frame per split. gt_points: number of points sampled on the ground-truth surface
+        (generated scenes) for the mesh metrics.
+    """
+
+    def __init__(self, root: str, downscale: int = 1, holdout: int = 0, stride: dict[str, int] | None = None,
+                 generate: dict[str, int] | None = None, gt_points: int = 50000) -> None:
+        super().__init__(root, downscale, False, 0.0, 2.0, stride, "test", generate)
+        self.holdout, self.gt_points = int(holdout), int(gt_points)
+        self.scale_mat: torch.Tensor | None = None
+
+    def prepare_data(self) -> None:
+        if self.generate is not None:
+            from src.data.generate import write_neus
+
+            write_neus(self.root, **self.generate)
+        elif not self.root.is_dir():
+            raise DataError(f"data root not found: {self.root} (set data.root=/path/to/neus/scene)")
+
+    def _load(self, split: str) -> Views:
+        if not self.splits:
+            from src.data.neus import load_neus
+
+            scene = load_neus(self.root, self.downscale)
+            views, self.scale_mat = scene["views"], scene["scale_mat"]
+            n = len(views)
+            held = list(range(0, n, self.holdout)) if self.holdout > 0 else list(range(n))
+            train = [i for i in range(n) if i not in held] if self.holdout > 0 else list(range(n))
+            self.splits["train"] = views.subset(train)
+            for name in ("val", "test"):
+                self.splits[name] = views.subset(held[:: self.stride[name]])
+        return self.splits[split]
+
+    def resolved_test_split(self) -> str:
+        return "test"
+
+    def setup(self, stage: str | None = None) -> None:
+        self.prepare_data()
+        self._load("train")
+        if stage in (None, "test"):
+            self.test_split_used = "test (held-out views)" if self.holdout > 0 else "test (training views: NeuS protocol)"
+
+    def to_world(self, points: torch.Tensor) -> torch.Tensor:
+        """Normalised-space points (N, 3) to the data's world coordinates (``scale_mat``)."""
+        S = self.scale_mat.to(points)
+        return points @ S[:3, :3].T + S[:3, 3]
+
+    def gt_surface(self) -> torch.Tensor | None:
+        """Points on the exact ground-truth surface in world coordinates (generated scenes), else None."""
+        if self.generate is None:
+            return None
+        from src.data.scene import default_scene
+
+        return default_scene().sample_surface(self.gt_points, seed=1)

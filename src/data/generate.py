@@ -41,13 +41,14 @@ def look_at(eye: torch.Tensor, target: torch.Tensor | None = None, up: torch.Ten
     return c2w
 
 
-def hemisphere_cameras(n: int, offset: float, radius: float = CAMERA_RADIUS) -> list[torch.Tensor]:
+def hemisphere_cameras(n: int, offset: float, radius: float = CAMERA_RADIUS, z_range=(0.1, 0.95)) -> list[torch.Tensor]:
     """``n`` look-at cameras spread over the upper hemisphere by a Fibonacci spiral (``offset`` in [0, 1)
-    shifts the spiral so splits do not share views)."""
+    shifts the spiral so splits do not share views); ``z_range``: the range of the elevation's sine
+    (``(-0.9, 0.95)`` surrounds the object, for surface reconstruction)."""
     golden = math.pi * (3 - math.sqrt(5))
     poses = []
     for i in range(n):
-        z = 0.1 + 0.85 * ((i + offset) / n)  # elevation sine in [0.1, 0.95]
+        z = z_range[0] + (z_range[1] - z_range[0]) * ((i + offset) / n)
         phi = golden * i + 2 * math.pi * offset
         rho = math.sqrt(1 - z * z)
         eye = radius * torch.tensor([rho * math.cos(phi), rho * math.sin(phi), z], dtype=torch.float64)
@@ -80,6 +81,11 @@ def _write_once(root: Path, params: dict, fill: Callable[[Path], None]) -> Path:
 
     if done():
         return root
+    if root.exists() and not stamp.exists() and any(root.iterdir()):
+        from src.data.blender import DataError
+
+        raise DataError(f"refusing to generate a scene into {root}: it holds files that were not generated here "
+                        "(no scene.json). Is data.generate set on a real dataset? Set data.generate=null")
     tmp = root.with_name(f"{root.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     log.info("generating the procedural scene into %s (%s)", root, params)
@@ -156,5 +162,40 @@ def write_llff(root: str | Path, image_size: int, n_views: int, supersample: int
             rows.append(np.concatenate([np.concatenate([llff, hwf[:, None]], 1).ravel(),
                                         [max(depth - 1.6, 0.1), depth + 1.6]]))
         np.save(tmp / "poses_bounds.npy", np.stack(rows))
+
+    return _write_once(Path(root), params, fill)
+
+
+NEUS_SCALE = 1.2  # radius of the sphere (world units) that the NeuS layout's scale_mat maps to the unit sphere
+
+
+def write_neus(root: str | Path, image_size: int, n_views: int, supersample: int = 2, scene: Scene | None = None) -> Path:
+    """The scene in the NeuS / IDR layout of DTU: ``cameras_sphere.npz`` (``world_mat_i`` = K [R | t] of an
+    OpenCV camera with pixel centres at integers, ``scale_mat_i`` mapping the unit sphere to a sphere of
+    radius ``NEUS_SCALE`` around the origin, which holds the whole scene), ``image/NNN.png`` on black and
+    binary ``mask/NNN.png``. Cameras surround the object. Skipped when an identical copy is there."""
+    params = {"format": "neus", "image_size": image_size, "n_views": n_views, "supersample": supersample,
+              "version": 1}
+    K_gl = intrinsics_from_fov(image_size, image_size, CAMERA_ANGLE_X).double()
+    K_cv = torch.eye(4, dtype=torch.float64)
+    K_cv[:3, :3] = K_gl
+    K_cv[:2, 2] -= 0.5  # OpenCV: pixel centres at integer coordinates
+    cv_from_gl = torch.diag(torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=torch.float64))
+    scale_mat = torch.diag(torch.tensor([NEUS_SCALE, NEUS_SCALE, NEUS_SCALE, 1.0], dtype=torch.float64))
+
+    def fill(tmp: Path) -> None:
+        sc = scene or default_scene()
+        (tmp / "image").mkdir(parents=True)
+        (tmp / "mask").mkdir()
+        cams = {}
+        for i, c2w in enumerate(hemisphere_cameras(n_views, 0.0, z_range=(-0.9, 0.95))):
+            rgba = render_view(sc, c2w, image_size, supersample)
+            rgb = rgba[..., :3] * rgba[..., 3:]
+            Image.fromarray(np.round(rgb * 255).astype(np.uint8), "RGB").save(tmp / "image" / f"{i:03d}.png")
+            Image.fromarray(((rgba[..., 3] > 0.5) * 255).astype(np.uint8), "L").save(tmp / "mask" / f"{i:03d}.png")
+            w2c_cv = torch.linalg.inv(c2w @ cv_from_gl)
+            cams[f"world_mat_{i}"] = (K_cv @ w2c_cv).numpy()
+            cams[f"scale_mat_{i}"] = scale_mat.numpy()
+        np.savez(tmp / "cameras_sphere.npz", **cams)
 
     return _write_once(Path(root), params, fill)

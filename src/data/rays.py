@@ -27,9 +27,9 @@ class RayBank:
 
     @staticmethod
     def from_views(rgb: torch.Tensor, c2w: torch.Tensor, K: torch.Tensor) -> "RayBank":
-        """All pixels of posed images rgb (N, H, W, 3), c2w (N, 4, 4)."""
+        """All pixels of posed images rgb (N, H, W, 3), c2w (N, 4, 4), K (3, 3) or per view (N, 3, 3)."""
         h, w = rgb.shape[1:3]
-        rays = [get_rays(h, w, K, pose) for pose in c2w]
+        rays = [get_rays(h, w, K[i] if K.dim() == 3 else K, pose) for i, pose in enumerate(c2w)]
         return RayBank(
             torch.stack([o for o, _ in rays]).reshape(-1, 3),
             torch.stack([d for _, d in rays]).reshape(-1, 3),

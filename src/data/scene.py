@@ -63,6 +63,38 @@ class Primitive:
         q = torch.stack([p[:, :2].norm(dim=-1) - radius, p[:, 2].abs() - half_h], -1)
         return q.clamp(min=0).norm(dim=-1) + q.amax(-1).clamp(max=0)
 
+    def area(self) -> float:
+        if self.kind == "sphere":
+            return 4 * math.pi * self.size[0] ** 2
+        if self.kind == "box":
+            a, b, c = self.size
+            return 8 * (a * b + b * c + a * c)
+        radius, half_h = self.size
+        return 2 * math.pi * radius * 2 * half_h + 2 * math.pi * radius**2
+
+    def sample_surface(self, n: int, g: torch.Generator) -> torch.Tensor:
+        """``n`` points uniformly distributed (by area) on the primitive's surface, world frame (n, 3)."""
+        u = torch.rand(n, 3, generator=g, dtype=torch.float64)
+        if self.kind == "sphere":
+            p = torch.randn(n, 3, generator=g, dtype=torch.float64)
+            p = p / p.norm(dim=-1, keepdim=True) * self.size[0]
+        elif self.kind == "box":
+            h = torch.tensor(self.size, dtype=torch.float64)
+            face_area = torch.stack([h[1] * h[2], h[0] * h[2], h[0] * h[1]]).repeat(2)  # +x, +y, +z, -x, -y, -z
+            face = torch.multinomial(face_area, n, replacement=True, generator=g)
+            p = (u * 2 - 1) * h
+            axis, sign = face % 3, torch.where(face < 3, 1.0, -1.0).double()
+            p[torch.arange(n), axis] = sign * h[axis]
+        else:
+            radius, half_h = self.size
+            side, cap = 2 * math.pi * radius * 2 * half_h, math.pi * radius**2
+            part = torch.multinomial(torch.tensor([side, cap, cap], dtype=torch.float64), n, replacement=True, generator=g)
+            ang = u[:, 0] * 2 * math.pi
+            r = torch.where(part == 0, torch.full_like(ang, radius), radius * u[:, 1].sqrt())
+            z = torch.where(part == 0, (u[:, 2] * 2 - 1) * half_h, torch.where(part == 1, half_h, -half_h))
+            p = torch.stack([r * ang.cos(), r * ang.sin(), z], -1)
+        return p @ self.R.T + torch.tensor(self.center, dtype=torch.float64)
+
     def albedo(self, p_local: torch.Tensor) -> torch.Tensor:
         f = self.frequency
         if self.pattern == "checker":  # latitude / longitude checker
@@ -155,6 +187,21 @@ class Scene:
 
     def sdf(self, x: torch.Tensor) -> torch.Tensor:
         return torch.stack([p.sdf(x.double()) for p in self.primitives], -1).amin(-1)
+
+    def sample_surface(self, n: int, seed: int = 0) -> torch.Tensor:
+        """About ``n`` points uniformly distributed over the scene's outer surface (n, 3): each primitive's
+        surface sampled by area, keeping the points not inside another primitive (the exact boundary of the
+        union, which is what the images show)."""
+        g = torch.Generator().manual_seed(seed)
+        areas = torch.tensor([p.area() for p in self.primitives], dtype=torch.float64)
+        counts = torch.round(areas / areas.sum() * n).long()
+        pts = []
+        for k, (prim, m) in enumerate(zip(self.primitives, counts.tolist())):
+            x = prim.sample_surface(m, g)
+            others = [q.sdf(x) for j, q in enumerate(self.primitives) if j != k]
+            keep = torch.stack(others, -1).amin(-1) > 0 if others else torch.ones(m, dtype=torch.bool)
+            pts.append(x[keep])
+        return torch.cat(pts)
 
 
 def default_scene() -> Scene:

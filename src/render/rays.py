@@ -24,17 +24,24 @@ def intrinsics_from_focal(width: int, height: int, focal: float) -> torch.Tensor
 def get_rays(height: int, width: int, K: torch.Tensor, c2w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rays through every pixel centre: origins and (unnormalised, camera z = -1) directions, (H, W, 3) each.
 
-    ``d_cam = ((u - cx) / fx, -(v - cy) / fy, -1)``, ``d = R d_cam``, ``o = t``; ray depth ``t`` along
-    such a ``d`` equals the camera-space depth.
+    ``d_cam = ((u - cx - s y) / fx, -y, -1)`` with ``y = (v - cy) / fy`` and skew ``s = K[0, 1]`` (0 for
+    most cameras; calibrated DTU cameras have one), ``d = R d_cam``, ``o = t``; ray depth ``t`` along such a
+    ``d`` equals the camera-space depth.
     """
-    K = K.to(c2w)
     v, u = torch.meshgrid(
         torch.arange(height, dtype=c2w.dtype, device=c2w.device) + 0.5,
         torch.arange(width, dtype=c2w.dtype, device=c2w.device) + 0.5,
         indexing="ij",
     )  # (H, W) each
-    dirs = torch.stack([(u - K[0, 2]) / K[0, 0], -(v - K[1, 2]) / K[1, 1], -torch.ones_like(u)], -1)  # (H, W, 3)
-    rays_d = dirs @ c2w[:3, :3].T  # (H, W, 3)
+    return rays_through(K, c2w, u, v)
+
+
+def rays_through(K: torch.Tensor, c2w: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rays through image points (u, v) (any shape; pixel centres are at index + 0.5), as :func:`get_rays`."""
+    K = K.to(c2w)
+    y = (v - K[1, 2]) / K[1, 1]
+    dirs = torch.stack([(u - K[0, 2] - K[0, 1] * y) / K[0, 0], -y, -torch.ones_like(u)], -1)  # (..., 3)
+    rays_d = dirs @ c2w[:3, :3].T
     rays_o = c2w[:3, 3].expand_as(rays_d)
     return rays_o, rays_d
 
@@ -50,6 +57,7 @@ def project_points(points: torch.Tensor, K: torch.Tensor, c2w: torch.Tensor) -> 
     R, t = c2w[:3, :3], c2w[:3, 3]
     cam = (points - t) @ R  # (N, 3): R^T (p - t)
     depth = -cam[:, 2]
-    u = K[0, 0] * cam[:, 0] / depth + K[0, 2]
-    v = -K[1, 1] * cam[:, 1] / depth + K[1, 2]
+    x, y = cam[:, 0] / depth, -cam[:, 1] / depth  # OpenCV-style normalised coordinates (y down)
+    u = K[0, 0] * x + K[0, 1] * y + K[0, 2]
+    v = K[1, 1] * y + K[1, 2]
     return torch.stack([u, v], -1), depth

@@ -24,15 +24,17 @@ def stratified_depths(near: torch.Tensor, far: torch.Tensor, n_samples: int, per
 
 
 def sample_pdf(bins: torch.Tensor, weights: torch.Tensor, n_samples: int, det: bool,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+               generator: torch.Generator | None = None, midpoints: bool = False) -> torch.Tensor:
     """Inverse-transform samples (n_rays, n_samples) from the piecewise-constant density whose bin edges
     are ``bins`` (n_rays, B + 1) and bin weights ``weights`` (n_rays, B). ``det``: at evenly spaced CDF
-    levels (0..1), else uniform random levels. Returned sorted; carries no gradient (as in NeRF)."""
+    levels, 0..1 (NeRF) or the midpoints of n equal parts of [0, 1] with ``midpoints`` (NeuS); else uniform
+    random levels. Returned sorted; carries no gradient (as in NeRF)."""
     weights = weights.detach() + 1e-5  # no empty bins, no division by zero
     pdf = weights / weights.sum(-1, keepdim=True)
     cdf = torch.cat([torch.zeros_like(pdf[:, :1]), torch.cumsum(pdf, -1)], -1)  # (n_rays, B + 1)
     if det:
-        u = torch.linspace(0.0, 1.0, n_samples, device=bins.device, dtype=bins.dtype).expand(cdf.shape[0], n_samples)
+        lo, hi = (0.5 / n_samples, 1.0 - 0.5 / n_samples) if midpoints else (0.0, 1.0)
+        u = torch.linspace(lo, hi, n_samples, device=bins.device, dtype=bins.dtype).expand(cdf.shape[0], n_samples)
     else:
         u = torch.rand(cdf.shape[0], n_samples, device=bins.device, dtype=bins.dtype, generator=generator)
     u = u.contiguous()

@@ -38,8 +38,8 @@ def voxel_count_views(field: DirectVoxGO, views: Views, downrate: int, near: flo
     device = field.xyz_min.device
     count = torch.zeros_like(field.density.grid)
     h, w = views.hw
-    for c2w in views.c2w:
-        rays_o, rays_d = get_rays(h, w, views.K, c2w.to(device))
+    for i, c2w in enumerate(views.c2w):
+        rays_o, rays_d = get_rays(h, w, views.intrinsics(i), c2w.to(device))
         rays_o, rays_d = rays_o[::downrate, ::downrate].reshape(-1, 3), rays_d[::downrate, ::downrate].reshape(-1, 3)
         ones = DenseGrid(1, field.density.world_size, field.xyz_min, field.xyz_max).to(device)
         ones.grid.data.fill_(1)

@@ -168,7 +168,7 @@ class NeRFModule(RenderMixin, L.LightningModule):
         h, w = views.hw
         frames = []
         for c2w in path[:: max(1, len(path) // n)][:n]:
-            rays_o, rays_d = get_rays(h, w, views.K, c2w)
+            rays_o, rays_d = get_rays(h, w, views.intrinsics(0), c2w)
             rays_o, rays_d = dm.ray_fn(rays_o, rays_d)
             rgb = self.render_image(rays_o.to(self.device), rays_d.to(self.device))["rgb"]
             frames.append(Image.fromarray(np.round(rgb.clamp(0, 1).cpu().numpy() * 255).astype(np.uint8)))

@@ -10,10 +10,10 @@ from src.render.encoding import positional_encoding
 
 class NeRFMLP(nn.Module):
     def __init__(self, depth: int = 8, width: int = 256, skips: tuple[int, ...] = (4,), pe_xyz: int = 10,
-                 pe_dir: int = 4, use_viewdirs: bool = True) -> None:
+                 pe_dir: int = 4, use_viewdirs: bool = True, d_in: int = 3) -> None:
         super().__init__()
         self.pe_xyz, self.pe_dir, self.skips, self.use_viewdirs = pe_xyz, pe_dir, tuple(skips), use_viewdirs
-        in_xyz, in_dir = 3 + 6 * pe_xyz, 3 + 6 * pe_dir
+        in_xyz, in_dir = d_in * (1 + 2 * pe_xyz), 3 + 6 * pe_dir  # d_in: 3, or 4 for NeRF++'s (x / r, 1 / r)
         layers = [nn.Linear(in_xyz, width)]
         for i in range(1, depth):
             layers.append(nn.Linear(width + (in_xyz if (i - 1) in self.skips else 0), width))

@@ -1,0 +1,73 @@
+"""Mesh export after testing: marching cubes of the model's geometry field (NeuS: the SDF; DVGO and NeRF:
+a density threshold), written as ``mesh.ply`` in world coordinates, and compared with the ground-truth
+surface when the data has one (generated scenes): ``mesh/chamfer``, ``mesh/accuracy``, ``mesh/completeness``,
+``mesh/fscore`` (at ``fscore_threshold`` world units) in ``metrics.json``."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from src.geometry import chamfer_fscore, extract_mesh, sample_surface, write_ply
+
+log = logging.getLogger(__name__)
+
+
+def export_mesh(model, datamodule, path: str | Path, resolution: int, block: int = 64) -> tuple:
+    """Triangulate ``model.geometry_field()`` at ``resolution``^3 and write it to ``path`` in world coordinates
+    (``datamodule.to_world`` when the data has one). Returns (vertices, faces) in world coordinates."""
+    geo = model.geometry_field()
+    was_training = model.training
+    model.eval()
+    try:
+        verts, faces = extract_mesh(geo["field"], geo["bound_min"], geo["bound_max"], resolution, geo["level"],
+                                    block=block, device=model.device, inside=geo["inside"])
+    finally:
+        model.train(was_training)
+    to_world = getattr(datamodule, "to_world", None)
+    if to_world is not None and len(verts):
+        verts = to_world(torch.from_numpy(verts)).numpy()
+    write_ply(path, verts, faces)
+    return verts, faces
+
+
+def mesh_metrics(verts, faces, gt: torch.Tensor, n_points: int, threshold: float) -> dict[str, float]:
+    """Chamfer / F-score between ``n_points`` samples of the mesh and the ground-truth points ``gt``."""
+    pred = sample_surface(verts, faces, n_points) if len(faces) else torch.zeros(0, 3, dtype=torch.float64)
+    return chamfer_fscore(pred, gt, threshold)
+
+
+class MeshExport(L.Callback):
+    """Args: resolution: grid vertices per axis (None: the model's ``mesh_resolution``; 0: off).
+    n_points: surface samples for the metrics. fscore_threshold: distance counted as correct (world units)."""
+
+    def __init__(self, resolution: int | None = None, n_points: int = 50000, fscore_threshold: float = 0.02,
+                 block: int = 64) -> None:
+        self.resolution, self.n_points, self.threshold, self.block = resolution, n_points, fscore_threshold, block
+        self.metrics: dict[str, float | str] = {}
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        res = self.resolution if self.resolution is not None else pl_module.hparams.get("mesh_resolution", 0)
+        if not res or not hasattr(pl_module, "geometry_field") or not trainer.is_global_zero:
+            return
+        tic = time.perf_counter()
+        path = Path(trainer.default_root_dir) / "mesh.ply"
+        verts, faces = export_mesh(pl_module, trainer.datamodule, path, res, self.block)
+        self.metrics = {"mesh/vertices": len(verts), "mesh/faces": len(faces), "mesh/resolution": res,
+                        "time/mesh_s": round(time.perf_counter() - tic, 2)}
+        log.info("wrote %s (%d vertices, %d faces, %d^3 grid)", path, len(verts), len(faces), res)
+        gt = getattr(trainer.datamodule, "gt_surface", lambda: None)()
+        if gt is None:
+            self.metrics["mesh/chamfer"] = "unavailable: the data has no ground-truth surface"
+            return
+        scores = mesh_metrics(verts, faces, gt, self.n_points, self.threshold)
+        self.metrics.update({f"mesh/{k}": v for k, v in scores.items()})
+        self.metrics["mesh/fscore_threshold"] = self.threshold
+        log.info("mesh vs ground truth: chamfer %.4f (acc %.4f, comp %.4f), F-score@%g %.3f", scores["chamfer"],
+                 scores["accuracy"], scores["completeness"], self.threshold, scores["fscore"])
+
+    def summary(self) -> dict[str, float | str]:
+        return dict(self.metrics)

@@ -1,0 +1,97 @@
+"""Meshes from scalar fields: the field is evaluated on a regular grid in blocks (bounded memory at any
+resolution), triangulated by marching cubes (PyMCubes, the library NeuS uses) and mapped back to world
+coordinates. PLY in and out (binary little-endian, float32 vertices, int32 faces), and surface sampling."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+
+@torch.no_grad()
+def evaluate_grid(field: Callable[[torch.Tensor], torch.Tensor], bound_min, bound_max, resolution: int,
+                  block: int = 64, device: torch.device | str = "cpu") -> np.ndarray:
+    """``field`` (M, 3) -> (M,) on the ``resolution``^3 vertices of the box [bound_min, bound_max] (both
+    ends included), ``block``^3 points per call; returns (R, R, R) float32 indexed [x, y, z]."""
+    axes = [torch.linspace(float(lo), float(hi), resolution, device=device) for lo, hi in zip(bound_min, bound_max)]
+    out = np.zeros((resolution,) * 3, dtype=np.float32)
+    for i, xs in enumerate(axes[0].split(block)):
+        for j, ys in enumerate(axes[1].split(block)):
+            for k, zs in enumerate(axes[2].split(block)):
+                pts = torch.stack(torch.meshgrid(xs, ys, zs, indexing="ij"), -1)
+                vals = field(pts.reshape(-1, 3)).reshape(pts.shape[:3])
+                out[i * block:i * block + len(xs), j * block:j * block + len(ys), k * block:k * block + len(zs)] = \
+                    vals.float().cpu().numpy()
+    return out
+
+
+def extract_mesh(field: Callable[[torch.Tensor], torch.Tensor], bound_min, bound_max, resolution: int,
+                 level: float = 0.0, block: int = 64, device: torch.device | str = "cpu",
+                 inside: str = "below") -> tuple[np.ndarray, np.ndarray]:
+    """The ``level`` set of ``field`` in the box: vertices (V, 3) float64 in the field's coordinates and
+    triangles (F, 3) int64, oriented with normals pointing out of the region where the field is ``inside``
+    the level (``below`` for an SDF, ``above`` for a density). Empty arrays if the level is not crossed."""
+    import mcubes
+
+    values = evaluate_grid(field, bound_min, bound_max, resolution, block, device).astype(np.float64)
+    if not (values.min() < level < values.max()):
+        return np.zeros((0, 3)), np.zeros((0, 3), dtype=np.int64)
+    # PyMCubes orients faces out of the region above the level: negate an SDF (as NeuS does)
+    u = -values if inside == "below" else values
+    verts, faces = mcubes.marching_cubes(u, -level if inside == "below" else level)
+    lo, hi = np.asarray(bound_min, dtype=np.float64), np.asarray(bound_max, dtype=np.float64)
+    verts = verts / (resolution - 1) * (hi - lo) + lo
+    return verts, faces.astype(np.int64)
+
+
+def write_ply(path: str | Path, verts: np.ndarray, faces: np.ndarray) -> Path:
+    """Binary little-endian PLY with float32 x, y, z and int32 triangle indices."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = (f"ply\nformat binary_little_endian 1.0\nelement vertex {len(verts)}\nproperty float x\n"
+              f"property float y\nproperty float z\nelement face {len(faces)}\n"
+              "property list uchar int vertex_indices\nend_header\n")
+    face_rec = np.empty(len(faces), dtype=[("n", "u1"), ("idx", "<i4", (3,))])
+    face_rec["n"], face_rec["idx"] = 3, faces
+    with path.open("wb") as f:
+        f.write(header.encode("ascii"))
+        f.write(np.asarray(verts, dtype="<f4").tobytes())
+        f.write(face_rec.tobytes())
+    return path
+
+
+def read_ply(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read what :func:`write_ply` writes (binary little-endian, float x y z, uchar/int triangle lists)."""
+    path = Path(path)
+    data = path.read_bytes()
+    end = data.find(b"end_header\n")
+    if not data.startswith(b"ply") or end < 0:
+        raise ValueError(f"{path}: not a PLY file")
+    header = data[:end].decode("ascii").splitlines()
+    if "format binary_little_endian 1.0" not in header:
+        raise ValueError(f"{path}: only binary little-endian PLY is supported")
+    counts = {line.split()[1]: int(line.split()[2]) for line in header if line.startswith("element")}
+    body = data[end + len(b"end_header\n"):]
+    n_v, n_f = counts.get("vertex", 0), counts.get("face", 0)
+    verts = np.frombuffer(body, dtype="<f4", count=n_v * 3).reshape(n_v, 3).astype(np.float64)
+    rec = np.frombuffer(body, dtype=[("n", "u1"), ("idx", "<i4", (3,))], count=n_f, offset=n_v * 12)
+    return verts, rec["idx"].astype(np.int64)
+
+
+def mesh_area(verts: np.ndarray, faces: np.ndarray) -> float:
+    v = verts[faces]
+    return float(0.5 * np.linalg.norm(np.cross(v[:, 1] - v[:, 0], v[:, 2] - v[:, 0]), axis=-1).sum())
+
+
+def sample_surface(verts: np.ndarray, faces: np.ndarray, n: int, seed: int = 0) -> torch.Tensor:
+    """``n`` points uniformly distributed over the mesh surface (area-weighted triangles, uniform
+    barycentric coordinates), (n, 3) float64."""
+    v = torch.as_tensor(verts, dtype=torch.float64)[torch.as_tensor(faces)]
+    area = 0.5 * torch.linalg.cross(v[:, 1] - v[:, 0], v[:, 2] - v[:, 0]).norm(dim=-1)
+    g = torch.Generator().manual_seed(seed)
+    tri = torch.multinomial(area, n, replacement=True, generator=g)
+    r1, r2 = torch.rand(n, 1, generator=g, dtype=torch.float64).sqrt(), torch.rand(n, 1, generator=g, dtype=torch.float64)
+    a, b, c = v[tri, 0], v[tri, 1], v[tri, 2]
+    return (1 - r1) * a + r1 * (1 - r2) * b + r1 * r2 * c

@@ -1,0 +1,3 @@
+from src.models.neus.module import NeuSModule
+
+__all__ = ["NeuSModule"]
