@@ -212,7 +212,7 @@ class NeuSDataModule(BlenderDataModule):
     """
 
     def __init__(self, root: str, downscale: int = 1, holdout: int = 0, stride: dict[str, int] | None = None,
-                 generate: dict[str, int] | None = None, gt_points: int = 50000) -> None:
+                 generate: dict[str, int] | None = None, gt_points: int = 30000) -> None:
         super().__init__(root, downscale, False, 0.0, 2.0, stride, "test", generate)
         self.holdout, self.gt_points = int(holdout), int(gt_points)
         self.scale_mat: torch.Tensor | None = None
@@ -253,10 +253,11 @@ class NeuSDataModule(BlenderDataModule):
         S = self.scale_mat.to(points)
         return points @ S[:3, :3].T + S[:3, 3]
 
-    def gt_surface(self) -> torch.Tensor | None:
-        """Points on the exact ground-truth surface in world coordinates (generated scenes), else None."""
+    def gt_surface(self, seed: int = 1) -> torch.Tensor | None:
+        """About ``gt_points`` points on the exact ground-truth surface in world coordinates (generated scenes),
+        else None."""
         if self.generate is None:
             return None
         from src.data.scene import default_scene
 
-        return default_scene().sample_surface(self.gt_points, seed=1)
+        return default_scene().sample_surface(self.gt_points, seed=seed)
