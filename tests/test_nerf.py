@@ -72,6 +72,11 @@ def test_nerf_smoke_learns(make_cfg, tmp_path):
     header = rows[0].split(",")
     psnr = [float(r.split(",")[header.index("train/psnr")]) for r in rows[1:] if r.split(",")[header.index("train/psnr")]]
     assert psnr[-1] > psnr[0] + 5
+    # its density, meshed from the checkpoint, lies near the exact surface
+    from src.export_mesh import main
+
+    mesh = main([str(out), "--resolution", "48", "--n-points", "10000"])
+    assert mesh["faces"] > 500 and mesh["chamfer"] < 0.06, mesh
 
 
 # ------------------------------------------------------------------------------------------- LLFF

@@ -118,6 +118,15 @@ class BlenderDataModule(L.LightningDataModule):
 
     render_poses = None  # no camera path for object scenes (yet)
 
+    def gt_surface(self, seed: int = 1, n: int = 30000) -> torch.Tensor | None:
+        """Points on the exact surface of the generated scene (world coordinates), for the mesh metrics;
+        None for real data."""
+        if self.generate is None:
+            return None
+        from src.data.scene import default_scene
+
+        return default_scene().sample_surface(n, seed=seed)
+
     def train_dataloader(self) -> DataLoader:
         return DataLoader(StepTicker(), batch_size=None)
 
@@ -176,6 +185,9 @@ class LLFFDataModule(BlenderDataModule):
 
     def resolved_test_split(self) -> str:
         return "test"
+
+    def gt_surface(self, seed: int = 1, n: int = 30000) -> None:
+        return None  # the loader rescales and recentres the scene: no ground truth in its frame
 
     @property
     def render_poses(self) -> torch.Tensor | None:

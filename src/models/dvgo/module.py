@@ -62,7 +62,7 @@ class DVGOModule(RenderMixin, L.LightningModule):
                  decay_after_scale: float, weight_distortion: float, rgbnet_depth: int, rgbnet_width: int,
                  viewbase_pe: int, chunk: int, seed: int, log_every: int = 500, weight_tv_density: float = 0.0,
                  weight_tv_k0: float = 0.0, tv_every: int = 1, tv_after: int = 0, tv_before: int = 0,
-                 tv_dense_before: int = 0) -> None:
+                 tv_dense_before: int = 0, mesh_resolution: int = 0, mesh_threshold: float = 0.1) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
@@ -281,6 +281,17 @@ class DVGOModule(RenderMixin, L.LightningModule):
         out = self.field(rays_o, rays_d, self.trainer.datamodule.near, self.hparams.stepsize,
                          self.trainer.datamodule.background)
         return {"rgb": out["rgb"], "depth": out["depth"], "acc": out["acc"]}
+
+    def geometry_field(self):
+        """What the mesh callback triangulates: the opacity of a rendering sample (alpha over ``stepsize``
+        voxels) of the current stage's grid, inside above ``mesh_threshold``, over the grid's box."""
+        field, interval = self.field, self.hparams.stepsize * self.field.voxel_size_ratio
+
+        def alpha(pts: torch.Tensor) -> torch.Tensor:
+            return kernels.raw2alpha(field.density(pts)[:, 0], field.act_shift, interval)
+
+        return {"field": alpha, "level": self.hparams.mesh_threshold, "inside": "above",
+                "bound_min": field.xyz_min.tolist(), "bound_max": field.xyz_max.tolist()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint["state_dict"]

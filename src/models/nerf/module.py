@@ -37,7 +37,8 @@ class NeRFModule(RenderMixin, L.LightningModule):
                  netdepth: int = 8, netwidth: int = 256, netdepth_fine: int = 8, netwidth_fine: int = 256,
                  pe_xyz: int = 10, pe_dir: int = 4, use_viewdirs: bool = True, precrop_iters: int = 0,
                  precrop_frac: float = 0.5, iters: int = 200000, chunk: int = 32768, netchunk: int = 65536,
-                 seed: int = 0, render_path_frames: int = 0) -> None:
+                 seed: int = 0, render_path_frames: int = 0, mesh_resolution: int = 0, mesh_threshold: float = 5.0,
+                 mesh_bound: float = 1.5) -> None:
         super().__init__()
         self.save_hyperparameters()
         mlp = dict(pe_xyz=pe_xyz, pe_dir=pe_dir, use_viewdirs=use_viewdirs)
@@ -151,6 +152,19 @@ class NeRFModule(RenderMixin, L.LightningModule):
         self.log_dict({"train/loss": loss.detach(), "train/psnr": -10 * torch.log10(mse.detach())}, prog_bar=True,
                       batch_size=len(rays))
         return loss
+
+    def geometry_field(self):
+        """What the mesh callback triangulates: the fine network's density relu(sigma) (coarse if there is no
+        fine network), inside above ``mesh_threshold``, over the cube of half-size ``mesh_bound`` (object
+        scenes; for NDC scenes the mesh is in NDC space)."""
+        net = self.fine if self.fine is not None else self.coarse
+
+        def density(pts: torch.Tensor) -> torch.Tensor:
+            return F.relu(net(pts, torch.zeros_like(pts))[1])
+
+        b = float(self.hparams.mesh_bound)
+        return {"field": density, "level": self.hparams.mesh_threshold, "inside": "above",
+                "bound_min": (-b,) * 3, "bound_max": (b,) * 3}
 
     # ---- camera-path video ------------------------------------------------------------------------
     def on_test_end(self) -> None:

@@ -5,6 +5,7 @@ SDF-to-alpha slope. Everything runs in the normalised space of the data (the reg
 sphere); meshes are mapped back to world coordinates with the data's ``scale_mat``."""
 from __future__ import annotations
 
+import logging
 import math
 
 import lightning as L
@@ -15,6 +16,8 @@ from src.models.base import RenderMixin
 from src.models.neus.network import BackgroundNeRF, RenderingNetwork, SDFNetwork, SingleVariance
 from src.render.rays import rays_through
 from src.render.sampling import sample_pdf
+
+log = logging.getLogger(__name__)
 
 
 def near_far_from_sphere(rays_o: torch.Tensor, rays_d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,6 +210,10 @@ class NeuSModule(RenderMixin, L.LightningModule):
     def on_fit_start(self) -> None:
         views = self.trainer.datamodule.splits["train"]
         self.train_views = views
+        if self.hparams.mask_weight > 0 and bool((views.mask > 0.5).all()):
+            log.warning("every mask pixel is foreground (masks all white, as in data without masks): the mask loss "
+                        "(mask_weight=%g) then pushes opacity to 1 everywhere. Use experiment=neus_womask or "
+                        "model.mask_weight=0 for such data.", self.hparams.mask_weight)
         self._dev_views = (views.rgb.to(self.device), views.mask.to(self.device), views.c2w.to(self.device),
                            (views.K if views.K.dim() == 3 else views.K.expand(len(views), 3, 3)).to(self.device))
 
