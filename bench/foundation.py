@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import device_name  # bench/_common.py
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,7 +36,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "foundation_cpu.md"))
     parser.add_argument("--skip-lego", action="store_true")
     args = parser.parse_args()
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
+    device = device_name()
 
     # a fresh data_dir, so the bare run generates its scene as on a fresh checkout
     cases = [("python train.py (generated scene, data generation included)", ["paths.data_dir={tmp}/data"], 28.0, 180.0)]

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import CUDA, ROOT, emit, sync  # bench/_common.py
+from _common import CUDA, ROOT, device_name, emit, sync  # bench/_common.py
 
 from src import kernels
 from src.callbacks.memory import peak_rss_mb, reset_peak_rss, rss_bytes
@@ -248,7 +248,7 @@ def main() -> None:
     if args._dist_case:
         print(json.dumps(dist_case(args._dist_case[0], int(args._dist_case[1]))))
         return
-    device = torch.cuda.get_device_name() if CUDA else f"CPU ({torch.get_num_threads()} threads)"
+    device = device_name()
     sections = args.sections.split(",")
     lines = [f"Device: {device}; torch {torch.__version__}; {platform.machine()}; measured "
              f"{time.strftime('%Y-%m-%d %H:%M')} by `python bench/kernels.py --sections {args.sections}`", ""]

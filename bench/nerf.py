@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -25,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import CUDA, ROOT, emit, sync  # bench/_common.py
+from _common import CUDA, ROOT, device_name, emit, optimizer_step, render_rate, steps_per_second  # bench/_common.py
 
 from src.models.nerf import NeRFModule
 
@@ -36,23 +35,15 @@ def train_speed(steps: int) -> float:
     torch.manual_seed(0)
     model = NeRFModule().to(DEV)  # published sizes
     model.set_scene(2.0, 6.0, 1.0)
-    opt = torch.optim.Adam(model.parameters(), lr=5e-4)
     rays_o = (torch.randn(1024, 3, device=DEV) * 0.1 + torch.tensor([0.0, 0.0, 4.0], device=DEV))
     rays_d = torch.nn.functional.normalize(torch.randn(1024, 3, device=DEV) * 0.2 - torch.tensor([0.0, 0.0, 1.0], device=DEV), dim=-1)
     target = torch.rand(1024, 3, device=DEV)
-    times = []
-    for i in range(steps + 1):
-        sync()
-        tic = time.perf_counter()
+
+    def loss() -> torch.Tensor:
         out = model.render_rays(rays_o, rays_d)
-        loss = torch.nn.functional.mse_loss(out["rgb"], target) + torch.nn.functional.mse_loss(out["coarse_rgb"], target)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sync()
-        if i:  # step 0 warms up
-            times.append(time.perf_counter() - tic)
-    return 1.0 / statistics.median(times)
+        return torch.nn.functional.mse_loss(out["rgb"], target) + torch.nn.functional.mse_loss(out["coarse_rgb"], target)
+
+    return steps_per_second(optimizer_step(model, loss, 5e-4), steps)
 
 
 def render_speed(h: int, w: int, n_importance: int, ndc: bool, full: bool) -> dict:
@@ -65,13 +56,7 @@ def render_speed(h: int, w: int, n_importance: int, ndc: bool, full: bool) -> di
     rays_o = torch.zeros_like(rays_d) + (torch.tensor([0.0, 0.0, -1.0], device=DEV) if ndc else torch.tensor([0.0, 0.0, 4.0], device=DEV))
     if ndc:
         rays_d = rays_d * torch.tensor([0.1, 0.1, -2.0], device=DEV)
-    sync()
-    tic = time.perf_counter()
-    model.render_image(rays_o, rays_d)
-    sync()
-    seconds = time.perf_counter() - tic
-    return {"rays": rows * w, "ms_per_ray": seconds / (rows * w) * 1e3, "full": rows == h,
-            "s_per_img": seconds if rows == h else None}
+    return render_rate(model, rays_o, rays_d, h)
 
 
 def lego_15min(lego: str) -> dict:
@@ -95,7 +80,7 @@ def main() -> None:
     p.add_argument("--train-steps", type=int, default=5 if not CUDA else 50)
     p.add_argument("--out", default=None)
     a = p.parse_args()
-    device = torch.cuda.get_device_name() if CUDA else f"CPU ({torch.get_num_threads()} threads)"
+    device = device_name()
     it_s = train_speed(a.train_steps)
     print(f"train it/s: {it_s:.3f}", flush=True)
     blender = render_speed(800, 800, 128, ndc=False, full=CUDA or a.full_render in ("all", "blender"))

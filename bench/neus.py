@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -23,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import CUDA, ROOT, emit, sync  # bench/_common.py
+from _common import CUDA, ROOT, device_name, emit, optimizer_step, render_rate, steps_per_second  # bench/_common.py
 
 from src.models.neus import NeuSModule
 
@@ -40,22 +39,14 @@ def _rays(n: int):
 def train_speed(steps: int) -> float:
     torch.manual_seed(0)
     model = NeuSModule().to(DEV).train()  # published sizes
-    opt = torch.optim.Adam(model.parameters(), lr=5e-4)
     rays_o, rays_d = _rays(512)
     target = torch.rand(512, 3, device=DEV)
-    times = []
-    for i in range(steps + 1):
-        sync()
-        tic = time.perf_counter()
+
+    def loss() -> torch.Tensor:
         out, eikonal = model._render(rays_o, rays_d)
-        loss = (out["rgb"] - target).abs().mean() + 0.1 * eikonal
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sync()
-        if i:  # step 0 warms up
-            times.append(time.perf_counter() - tic)
-    return 1.0 / statistics.median(times)
+        return (out["rgb"] - target).abs().mean() + 0.1 * eikonal
+
+    return steps_per_second(optimizer_step(model, loss, 5e-4), steps)
 
 
 def render_speed(h: int, w: int, full: bool) -> dict:
@@ -65,13 +56,7 @@ def render_speed(h: int, w: int, full: bool) -> dict:
     ys, xs = torch.meshgrid(torch.linspace(-1, 1, rows, device=DEV), torch.linspace(-1, 1, w, device=DEV), indexing="ij")
     rays_d = torch.stack([xs * 0.3, ys * 0.3, -torch.ones_like(xs)], -1)
     rays_o = torch.zeros_like(rays_d) + torch.tensor([0.0, 0.0, 2.5], device=DEV)
-    sync()
-    tic = time.perf_counter()
-    model.render_image(rays_o, rays_d)
-    sync()
-    seconds = time.perf_counter() - tic
-    return {"rays": rows * w, "ms_per_ray": seconds / (rows * w) * 1e3, "full": rows == h,
-            "s_per_img": seconds if rows == h else None}
+    return render_rate(model, rays_o, rays_d, h)
 
 
 def generated_run() -> dict:
@@ -90,7 +75,7 @@ def main() -> None:
     p.add_argument("--train-steps", type=int, default=5 if not CUDA else 50)
     p.add_argument("--out", default=None)
     a = p.parse_args()
-    device = torch.cuda.get_device_name() if CUDA else f"CPU ({torch.get_num_threads()} threads)"
+    device = device_name()
     it_s = train_speed(a.train_steps)
     print(f"train it/s: {it_s:.3f}", flush=True)
     render = render_speed(600, 800, full=CUDA)

@@ -10,7 +10,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from src.data.blender import DataError, Views, load_split
-from src.data.generate import write_blender
 from src.data.rays import RayBank
 from src.render.rays import get_rays
 
@@ -82,11 +81,15 @@ class BlenderDataModule(L.LightningDataModule):
     def background(self) -> float:
         return 1.0 if self.white_bkgd else 0.0
 
+    layout = "blender"  # the on-disk layout: names the writer of the generated scene and the error hint
+
     def prepare_data(self) -> None:
         if self.generate is not None:
-            write_blender(self.root, **self.generate)
+            from src.data import generate
+
+            getattr(generate, f"write_{self.layout}")(self.root, **self.generate)
         elif not self.root.is_dir():
-            raise DataError(f"data root not found: {self.root} (set data.root=/path/to/scene)")
+            raise DataError(f"data root not found: {self.root} (set data.root=/path/to/{self.layout}/scene)")
 
     def _load(self, split: str) -> Views:
         if split not in self.splits:
@@ -154,13 +157,7 @@ class LLFFDataModule(BlenderDataModule):
         self.factor, self.llffhold, self.bd_factor, self.ndc = int(factor), int(llffhold), bd_factor, ndc
         self.scene: dict | None = None
 
-    def prepare_data(self) -> None:
-        if self.generate is not None:
-            from src.data.generate import write_llff
-
-            write_llff(self.root, **self.generate)
-        elif not self.root.is_dir():
-            raise DataError(f"data root not found: {self.root} (set data.root=/path/to/llff/scene)")
+    layout = "llff"
 
     def ray_fn(self, rays_o: torch.Tensor, rays_d: torch.Tensor):
         if not self.ndc:
@@ -229,13 +226,7 @@ class NeuSDataModule(BlenderDataModule):
         self.holdout, self.gt_points = int(holdout), int(gt_points)
         self.scale_mat: torch.Tensor | None = None
 
-    def prepare_data(self) -> None:
-        if self.generate is not None:
-            from src.data.generate import write_neus
-
-            write_neus(self.root, **self.generate)
-        elif not self.root.is_dir():
-            raise DataError(f"data root not found: {self.root} (set data.root=/path/to/neus/scene)")
+    layout = "neus"
 
     def _load(self, split: str) -> Views:
         if not self.splits:

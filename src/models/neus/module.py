@@ -107,7 +107,7 @@ class NeuSModule(RenderMixin, L.LightningModule):
 
     def cos_anneal_ratio(self) -> float:
         end = self.hparams.anneal_end
-        return 1.0 if end == 0 or not self.training else min(1.0, self.global_step / end)
+        return 1.0 if end == 0 else min(1.0, self.global_step / end)  # as NeuS: validation uses it too
 
     def configure_optimizers(self):
         opt = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
