@@ -120,3 +120,70 @@ def test_flow_lipschitz_constant_stays_below_the_coefficient():
 def test_logdet_unknown_estimator_is_named():
     with pytest.raises(ValueError, match="no_such"):
         ResidualBlock(3, estimator="no_such")
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+from conftest import SHARED_DATA  # noqa: E402
+
+from src.geometry.pu_metrics import (cd_hd, farthest_point_sample, normalize_unit_sphere,  # noqa: E402
+                                     point_triangle_distance, read_off, read_xyz)
+
+PU_GAN = SHARED_DATA / "pu_gan" / "test"
+
+
+def test_pu_cd_hd_on_hand_made_clouds():
+    """Six points on the axes (already on the unit sphere) against the same plus the centre: forward squared
+    distances are six 0 and one 1, backward all 0: CD = 1/7, HD = 1 (raw; the benchmark prints x1e-3)."""
+    gt = torch.cat([torch.eye(3), -torch.eye(3)]).double()
+    pred = torch.cat([gt, torch.zeros(1, 3, dtype=torch.float64)])
+    got = cd_hd(pred, gt)
+    assert got["cd"] == pytest.approx(1 / 7) and got["hd"] == pytest.approx(1.0)
+    # normalisation: scaling and moving a cloud changes nothing
+    assert cd_hd(pred * 3 + 1, gt)["cd"] == pytest.approx(1 / 7)
+    assert cd_hd(gt, gt) == {"cd": 0.0, "hd": 0.0}
+    n, c, s = normalize_unit_sphere(pred * 3 + 1)
+    assert n.norm(dim=-1).max() == pytest.approx(1.0) and float(s) == pytest.approx(3.0)
+
+
+def test_point_to_triangle_distance_matches_a_dense_search():
+    g = torch.Generator().manual_seed(0)
+    verts = torch.rand(4, 3, generator=g, dtype=torch.float64)
+    faces = torch.tensor([[0, 1, 2], [1, 2, 3]])
+    pts = torch.randn(300, 3, generator=g, dtype=torch.float64)
+    u, v = torch.meshgrid(torch.linspace(0, 1, 400, dtype=torch.float64), torch.linspace(0, 1, 400, dtype=torch.float64),
+                          indexing="ij")
+    keep = (u + v) <= 1
+    bary = torch.stack([1 - u[keep] - v[keep], u[keep], v[keep]], -1)
+    dense = torch.cat([bary @ verts[f] for f in faces])
+    ref = torch.cdist(pts, dense).amin(-1)
+    got = point_triangle_distance(pts, verts, faces)
+    assert (got <= ref + 1e-12).all()  # exact is never farther than a sampled point
+    assert (ref - got).max() < 5e-3  # and the grid gets within its spacing
+    assert point_triangle_distance(dense[::97], verts, faces).max() < 1e-9  # points on the mesh: 0
+
+
+def test_farthest_point_sample_spreads_points():
+    x = torch.cat([torch.zeros(50, 3), torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]])])
+    idx = farthest_point_sample(x, 4)
+    assert set(idx.tolist()[1:]) == {50, 51, 52}
+
+
+@pytest.mark.skipif(not (PU_GAN / "Icosahedron.off").is_file(), reason=f"PU-GAN test meshes not found at {PU_GAN}")
+def test_pu_gan_test_files_load_and_inputs_lie_on_their_meshes():
+    for name, n_v, n_f in (("Icosahedron", 2562, 5120), ("fandisk", 2731, 5458)):
+        verts, faces = read_off(PU_GAN / f"{name}.off")
+        pts = torch.from_numpy(read_xyz(PU_GAN / f"{name}.xyz"))
+        assert verts.shape == (n_v, 3) and faces.shape == (n_f, 3) and pts.shape == (2048, 3)
+        d = point_triangle_distance(pts[::8], torch.from_numpy(verts), torch.from_numpy(faces))
+        assert d.max() < 1e-5  # the 2048-point inputs are samples of the mesh surface
+
+
+def test_pu_files_bad_input_is_named(tmp_path):
+    bad = tmp_path / "bad.off"
+    bad.write_text("PLY\n")
+    with pytest.raises(ValueError, match="bad.off"):
+        read_off(bad)
+    bad_xyz = tmp_path / "bad.xyz"
+    bad_xyz.write_text("1 2\n3 4\n")
+    with pytest.raises(ValueError, match="bad.xyz"):
+        read_xyz(bad_xyz)
