@@ -187,3 +187,44 @@ def test_pu_files_bad_input_is_named(tmp_path):
     bad_xyz.write_text("1 2\n3 4\n")
     with pytest.raises(ValueError, match="bad.xyz"):
         read_xyz(bad_xyz)
+
+
+# ------------------------------------------------------------------------------------------------- data
+def test_generated_pu_dataset_in_the_pu_gan_layout(tmp_path):
+    import h5py
+
+    from src.data.pu_gan import PUPatches, load_test_shapes, write_pu_dataset
+
+    root = write_pu_dataset(tmp_path / "pu", n_meshes=4, patches_per_mesh=3, n_test=1, seed=0)
+    with h5py.File(root / "train" / "pu_patches.h5") as f:
+        assert f["poisson_256"].shape == (12, 256, 3) and f["poisson_1024"].shape == (12, 1024, 3)
+        raw_sparse, raw_dense = torch.from_numpy(f["poisson_256"][0]), torch.from_numpy(f["poisson_1024"][0])
+    # the sparse input is a subset of its dense target
+    assert torch.cdist(raw_sparse.double(), raw_dense.double()).amin(-1).max() < 1e-6
+    ds = PUPatches(root / "train" / "pu_patches.h5")
+    item = ds[0]
+    assert item["dense"].norm(dim=-1).max() == pytest.approx(1.0, abs=1e-5)
+    assert item["dense"].mean(0).abs().max() < 1e-5
+    # the same normalisation maps the input: it stays a subset of the target
+    assert torch.cdist(item["sparse"].double(), item["dense"].double()).amin(-1).max() < 1e-5
+    aug = PUPatches(root / "train" / "pu_patches.h5", augment=True)[0]
+    assert torch.cdist(aug["sparse"].double(), aug["dense"].double()).amin(-1).max() < 0.03  # jitter is clipped at 0.015 per axis
+    (shape,) = load_test_shapes(root / "test")
+    assert shape["input"].shape == (2048, 3)
+    d = point_triangle_distance(shape["input"][::16].double(), torch.from_numpy(shape["verts"]), torch.from_numpy(shape["faces"]))
+    assert d.max() < 1e-5
+
+
+def test_pu_patches_bad_file_is_named(tmp_path):
+    import h5py
+
+    from src.data.blender import DataError
+    from src.data.pu_gan import PUPatches
+
+    path = tmp_path / "bad.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("poisson_256", data=torch.zeros(2, 256, 3).numpy())
+    with pytest.raises(DataError, match=r"bad.h5.*poisson_1024"):
+        PUPatches(path)
+    with pytest.raises(DataError, match="missing.h5"):
+        PUPatches(tmp_path / "missing.h5")

@@ -1,0 +1,220 @@
+"""PU-GAN data (Li et al., ICCV 2019) and a generated stand-in in the same layout.
+
+Training patches: one HDF5 file with ``poisson_256`` (P, 256, 3) sparse inputs and ``poisson_1024`` (P, 1024, 3)
+dense targets, float32, in each patch's original coordinates; the loader normalises every pair by the
+target's centroid and furthest distance (as PU-GAN's loader). Test data: meshes ``<name>.off`` and their
+2048-point inputs ``<name>.xyz``.
+
+The generated version: simple meshes (icospheres, boxes, tori, cylinders) at random scales and rotations;
+patches are the 4096 dense surface samples nearest to a farthest-point seed, thinned by farthest-point
+sampling to 1024 (the target, an even sample) and to 256 (the input); test inputs are 2048 even samples.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from src.data.blender import DataError
+from src.geometry.mesh import sample_surface
+from src.geometry.pu_metrics import farthest_point_sample, normalize_unit_sphere
+
+
+# ---------------------------------------------------------------------------------------------- meshes
+def icosphere(subdivisions: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    t = (1 + 5**0.5) / 2
+    v = [[-1, t, 0], [1, t, 0], [-1, -t, 0], [1, -t, 0], [0, -1, t], [0, 1, t], [0, -1, -t], [0, 1, -t],
+         [t, 0, -1], [t, 0, 1], [-t, 0, -1], [-t, 0, 1]]
+    f = [[0, 11, 5], [0, 5, 1], [0, 1, 7], [0, 7, 10], [0, 10, 11], [1, 5, 9], [5, 11, 4], [11, 10, 2], [10, 7, 6],
+         [7, 1, 8], [3, 9, 4], [3, 4, 2], [3, 2, 6], [3, 6, 8], [3, 8, 9], [4, 9, 5], [2, 4, 11], [6, 2, 10],
+         [8, 6, 7], [9, 8, 1]]
+    verts = [np.asarray(p, dtype=np.float64) / np.linalg.norm(p) for p in v]
+    faces = f
+    for _ in range(subdivisions):
+        cache: dict[tuple[int, int], int] = {}
+
+        def mid(a: int, b: int) -> int:
+            key = (min(a, b), max(a, b))
+            if key not in cache:
+                m = verts[a] + verts[b]
+                verts.append(m / np.linalg.norm(m))
+                cache[key] = len(verts) - 1
+            return cache[key]
+
+        new = []
+        for a, b, c in faces:
+            ab, bc, ca = mid(a, b), mid(b, c), mid(c, a)
+            new += [[a, ab, ca], [b, bc, ab], [c, ca, bc], [ab, bc, ca]]
+        faces = new
+    return np.stack(verts), np.asarray(faces, dtype=np.int64)
+
+
+def grid_surface(fn, nu: int, nv: int, wrap_u: bool, wrap_v: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Triangulated parametric surface ``fn(u, v)`` on [0, 1]^2 (wrapped where the surface closes)."""
+    us = np.linspace(0, 1, nu, endpoint=not wrap_u)
+    vs = np.linspace(0, 1, nv, endpoint=not wrap_v)
+    U, V = np.meshgrid(us, vs, indexing="ij")
+    verts = fn(U.ravel(), V.ravel())
+    faces = []
+    for i in range(nu if wrap_u else nu - 1):
+        for j in range(nv if wrap_v else nv - 1):
+            a, b = i * nv + j, ((i + 1) % nu) * nv + j
+            c, d = i * nv + (j + 1) % nv, ((i + 1) % nu) * nv + (j + 1) % nv
+            faces += [[a, b, d], [a, d, c]]
+    return verts, np.asarray(faces, dtype=np.int64)
+
+
+def torus(r_major: float = 0.7, r_minor: float = 0.25) -> tuple[np.ndarray, np.ndarray]:
+    def fn(u, v):
+        a, b = 2 * np.pi * u, 2 * np.pi * v
+        return np.stack([(r_major + r_minor * np.cos(b)) * np.cos(a), (r_major + r_minor * np.cos(b)) * np.sin(a),
+                         r_minor * np.sin(b)], -1)
+
+    return grid_surface(fn, 48, 24, True, True)
+
+
+def box(half: tuple[float, float, float] = (0.8, 0.5, 0.3)) -> tuple[np.ndarray, np.ndarray]:
+    corners = np.array([[x, y, z] for x in (-1, 1) for y in (-1, 1) for z in (-1, 1)], dtype=np.float64) * half
+    faces = np.array([[0, 1, 3], [0, 3, 2], [4, 6, 7], [4, 7, 5], [0, 4, 5], [0, 5, 1], [2, 3, 7], [2, 7, 6],
+                      [0, 2, 6], [0, 6, 4], [1, 5, 7], [1, 7, 3]], dtype=np.int64)
+    return corners, faces
+
+
+def cylinder(radius: float = 0.4, half_h: float = 0.8, n: int = 48) -> tuple[np.ndarray, np.ndarray]:
+    ang = 2 * np.pi * np.arange(n) / n
+    ring = np.stack([radius * np.cos(ang), radius * np.sin(ang)], -1)
+    verts = np.concatenate([np.c_[ring, np.full(n, -half_h)], np.c_[ring, np.full(n, half_h)],
+                            [[0, 0, -half_h], [0, 0, half_h]]])
+    faces = []
+    for i in range(n):
+        j = (i + 1) % n
+        faces += [[i, j, n + j], [i, n + j, n + i], [2 * n, j, i], [2 * n + 1, n + i, n + j]]
+    return verts, np.asarray(faces, dtype=np.int64)
+
+
+def random_rotation(rng: np.random.Generator) -> np.ndarray:
+    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
+    q = q * np.sign(np.diag(r))
+    return q if np.linalg.det(q) > 0 else -q
+
+
+def generated_meshes(n: int, seed: int = 0) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """``n`` meshes cycling through the shapes, each randomly stretched and rotated."""
+    rng = np.random.default_rng(seed)
+    makers = [("icosphere", lambda: icosphere(2)), ("torus", torus), ("box", box), ("cylinder", cylinder)]
+    out = []
+    for i in range(n):
+        name, make = makers[i % len(makers)]
+        verts, faces = make()
+        verts = verts * rng.uniform(0.6, 1.2, size=3) @ random_rotation(rng).T
+        out.append((f"{name}_{i}", verts, faces))
+    return out
+
+
+def even_points(verts, faces, n: int, seed: int, oversample: int = 4) -> torch.Tensor:
+    dense = sample_surface(verts, faces, oversample * n, seed=seed)
+    return dense[farthest_point_sample(dense, n, start=seed % (oversample * n))]
+
+
+def write_off(path: Path, verts: np.ndarray, faces: np.ndarray) -> None:
+    lines = ["OFF", f"{len(verts)} {len(faces)} 0"] + [f"{x:.6f} {y:.6f} {z:.6f}" for x, y, z in verts]
+    lines += [f"3 {a} {b} {c}" for a, b, c in faces]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_pu_dataset(root: str | Path, n_meshes: int = 8, patches_per_mesh: int = 16, n_test: int = 2,
+                     seed: int = 0) -> Path:
+    """The generated PU-GAN layout under ``root``: ``train/pu_patches.h5`` and ``test/<name>.{off,xyz}``;
+    skipped when an identical copy is there."""
+    import h5py
+
+    from src.data.generate import _write_once
+
+    params = {"format": "pu_gan", "n_meshes": n_meshes, "patches_per_mesh": patches_per_mesh, "n_test": n_test,
+              "seed": seed, "version": 1}
+
+    def fill(tmp: Path) -> None:
+        (tmp / "train").mkdir(parents=True)
+        (tmp / "test").mkdir()
+        sparse, dense = [], []
+        for k, (_, verts, faces) in enumerate(generated_meshes(n_meshes, seed)):
+            cloud = sample_surface(verts, faces, 16384, seed=seed + k)
+            seeds = farthest_point_sample(cloud, patches_per_mesh, start=k)
+            for s in seeds:
+                near = torch.cdist(cloud[s][None], cloud)[0].topk(4096, largest=False).indices
+                region = cloud[near]
+                target = region[farthest_point_sample(region, 1024, start=int(s) % 4096)]
+                sparse.append(target[farthest_point_sample(target, 256, start=int(s) % 1024)].numpy())
+                dense.append(target.numpy())
+        with h5py.File(tmp / "train" / "pu_patches.h5", "w") as f:
+            f.create_dataset("poisson_256", data=np.stack(sparse).astype(np.float32))
+            f.create_dataset("poisson_1024", data=np.stack(dense).astype(np.float32))
+        for name, verts, faces in generated_meshes(n_test, seed + 1000):
+            write_off(tmp / "test" / f"{name}.off", verts, faces)
+            np.savetxt(tmp / "test" / f"{name}.xyz", even_points(verts, faces, 2048, seed).numpy(), fmt="%.6f")
+
+    return _write_once(Path(root), params, fill)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+class PUPatches(Dataset):
+    """Training pairs from a PU-GAN HDF5 file: (input (256, 3), target (1024, 3)), both normalised by the
+    target's centroid and furthest distance. ``augment``: PU-GAN's random rotation, scaling (0.8-1.2) and
+    input jitter (sigma 0.005, clipped at 0.015)."""
+
+    KEYS = ("poisson_256", "poisson_1024")
+
+    def __init__(self, path: str | Path, augment: bool = False, seed: int = 0) -> None:
+        import h5py
+
+        path = Path(path)
+        if not path.is_file():
+            raise DataError(f"PU-GAN patch file not found: {path}")
+        try:
+            with h5py.File(path, "r") as f:
+                missing = [k for k in self.KEYS if k not in f]
+                if missing:
+                    raise DataError(f"{path}: missing key(s) {missing} (expected {list(self.KEYS)})")
+                sparse, dense = np.asarray(f[self.KEYS[0]]), np.asarray(f[self.KEYS[1]])
+        except OSError as err:
+            raise DataError(f"cannot read {path}: {err}") from err
+        if sparse.shape[0] != dense.shape[0] or sparse.shape[2:] != (3,) or dense.shape[2:] != (3,):
+            raise DataError(f"{path}: shapes {sparse.shape} and {dense.shape} are not (P, n, 3) pairs")
+        self.sparse, self.dense = torch.from_numpy(sparse).float(), torch.from_numpy(dense).float()
+        self.augment, self.seed = augment, seed
+
+    def __len__(self) -> int:
+        return self.sparse.shape[0]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        dense, centre, scale = normalize_unit_sphere(self.dense[i])
+        sparse = (self.sparse[i] - centre) / scale
+        if self.augment:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+            q, r = torch.linalg.qr(torch.randn(3, 3, generator=g))
+            rot = q * torch.sign(torch.diagonal(r))
+            s = float(torch.empty(1).uniform_(0.8, 1.2, generator=g))
+            sparse, dense = sparse @ rot.T * s, dense @ rot.T * s
+            sparse = sparse + (torch.randn(sparse.shape, generator=g) * 0.005).clamp(-0.015, 0.015)
+        return {"sparse": sparse, "dense": dense, "index": i}
+
+
+def load_test_shapes(folder: str | Path) -> list[dict]:
+    """Every ``<name>.xyz`` input with its ``<name>.off`` mesh in ``folder``."""
+    from src.geometry.pu_metrics import read_off, read_xyz
+
+    folder = Path(folder)
+    inputs = sorted(folder.glob("*.xyz"))
+    if not inputs:
+        raise DataError(f"no .xyz inputs in {folder}")
+    shapes = []
+    for xyz in inputs:
+        off = xyz.with_suffix(".off")
+        if not off.is_file():
+            raise DataError(f"{xyz}: its mesh {off.name} is missing")
+        verts, faces = read_off(off)
+        shapes.append({"name": xyz.stem, "input": torch.from_numpy(read_xyz(xyz)).float(), "verts": verts,
+                       "faces": faces})
+    return shapes
