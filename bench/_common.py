@@ -12,6 +12,12 @@ ROOT = Path(__file__).resolve().parents[1]
 CUDA = torch.cuda.is_available()
 
 
+def add_speed_args(parser) -> None:
+    """The options every speed bench takes: timed training steps and the output file."""
+    parser.add_argument("--train-steps", type=int, default=5 if not CUDA else 50, help="timed training steps")
+    parser.add_argument("--out", default=None, help="result file (default bench/results/<name>_<cpu|gpu>.md)")
+
+
 def device_name() -> str:
     return torch.cuda.get_device_name() if CUDA else f"CPU ({torch.get_num_threads()} threads)"
 

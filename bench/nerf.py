@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import CUDA, ROOT, device_name, emit, optimizer_step, render_rate, steps_per_second  # bench/_common.py
+from _common import CUDA, ROOT, add_speed_args, device_name, emit, optimizer_step, render_rate, steps_per_second  # bench/_common.py
 
 from src.models.nerf import NeRFModule
 
@@ -77,8 +77,7 @@ def main() -> None:
     p.add_argument("--skip-lego", action="store_true")
     p.add_argument("--full-render", nargs="?", const="all", default=None, choices=["all", "blender", "llff"],
                    help="render whole images on a CPU too (all, or one of the two views)")
-    p.add_argument("--train-steps", type=int, default=5 if not CUDA else 50)
-    p.add_argument("--out", default=None)
+    add_speed_args(p)
     a = p.parse_args()
     device = device_name()
     it_s = train_speed(a.train_steps)

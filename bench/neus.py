@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import CUDA, ROOT, device_name, emit, optimizer_step, render_rate, steps_per_second  # bench/_common.py
+from _common import CUDA, ROOT, add_speed_args, device_name, emit, optimizer_step, render_rate, steps_per_second  # bench/_common.py
 
 from src.models.neus import NeuSModule
 
@@ -72,8 +72,7 @@ def generated_run() -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--skip-train", action="store_true", help="skip the generated-scene run")
-    p.add_argument("--train-steps", type=int, default=5 if not CUDA else 50)
-    p.add_argument("--out", default=None)
+    add_speed_args(p)
     a = p.parse_args()
     device = device_name()
     it_s = train_speed(a.train_steps)

@@ -169,7 +169,7 @@ class NeuSModule(RenderMixin, L.LightningModule):
                 upper, lower = torch.cat([mids, t[:, -1:]], -1), torch.cat([t[:, :1], mids], -1)
                 t = lower + (upper - lower) * torch.rand_like(t)
             z_out = far[:, None] / torch.flip(t, [-1]) + 1.0 / hp.n_samples
-        if hp.n_importance > 0:
+        if hp.n_importance > 0 and hp.up_sample_steps > 0:
             z = self._upsample(rays_o, rays_d, z)
         s = z.shape[1]
         bg_rgb = bg_alpha = None
