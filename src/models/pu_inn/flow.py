@@ -86,9 +86,11 @@ def _geometric_tail(p: float, m: int) -> float:
 
 
 class ResidualBlock(nn.Module):
-    """``y = x + g(x)``, ``g`` an MLP of spectrally normalised linear maps (Lipschitz <= coeff^layers < 1).
+    """``y = x + g(x; c)``, ``g`` an MLP of spectrally normalised linear maps on ``[x, c]`` (Lipschitz in x at
+    most coeff^layers < 1, whatever the context c: the flow stays invertible for every c).
 
-    Args: dim: features per point. hidden, n_layers: g's width and number of linear maps. coeff: spectral
+    Args: dim: features per point. context_dim: size of the conditioning vector c (0: none). hidden,
+        n_layers: g's width and number of linear maps. coeff: spectral
         norm bound of each map. estimator / eval_estimator: the log-det estimator for training / evaluation
         (one of ``ESTIMATORS``). n_terms: series length for ``exact_trace`` and ``fixed``. n_exact_terms,
         lam, p: the Russian-roulette draw. neumann_grad: Neumann-series gradient in training (random
@@ -99,12 +101,12 @@ class ResidualBlock(nn.Module):
                  estimator: str = "poisson", eval_estimator: str = "poisson", n_terms: int = 10,
                  n_exact_terms: int = 2, lam: float = 2.0, p: float = 0.5, neumann_grad: bool = True,
                  n_samples: int = 1, inverse_iters: int = 100, inverse_atol: float = 1e-6,
-                 n_power_iterations: int = 1) -> None:
+                 n_power_iterations: int = 1, context_dim: int = 0) -> None:
         super().__init__()
         for name in (estimator, eval_estimator):
             if name not in ESTIMATORS:
                 raise ValueError(f"unknown log-det estimator '{name}' (one of {', '.join(ESTIMATORS)})")
-        dims = [dim] + [hidden] * (n_layers - 1) + [dim]
+        dims = [dim + context_dim] + [hidden] * (n_layers - 1) + [dim]
         layers: list[nn.Module] = []
         for i in range(n_layers):
             layers.append(SpectralNormLinear(dims[i], dims[i + 1], coeff, n_power_iterations))
@@ -115,6 +117,14 @@ class ResidualBlock(nn.Module):
         self.n_terms, self.n_exact_terms, self.lam, self.p = n_terms, n_exact_terms, lam, p
         self.neumann_grad, self.n_samples = neumann_grad, n_samples
         self.inverse_iters, self.inverse_atol = inverse_iters, inverse_atol
+        self.context_dim = context_dim
+
+    def g_of(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        if self.context_dim:
+            if context is None:
+                raise ValueError(f"this block is conditioned on a context of size {self.context_dim}: pass it")
+            return self.g(torch.cat([x, context], -1))
+        return self.g(x)
 
     def refresh(self, n: int = 200) -> None:
         """Converge the spectral-norm estimates (call before evaluation)."""
@@ -132,29 +142,37 @@ class ResidualBlock(nn.Module):
         return bound
 
     # ---- forward / inverse ---------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, with_logdet: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x (N, dim) -> y (N, dim) and log|det dy/dx| (N,) (None without ``with_logdet``)."""
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                with_logdet: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x (N, dim) [, context (N, context_dim)] -> y (N, dim) and log|det dy/dx| (N,) (None without
+        ``with_logdet``)."""
         if not with_logdet:
-            return x + self.g(x), None
+            return x + self.g_of(x, context), None
         name = self.estimator if self.training else self.eval_estimator
         create_graph = self.training and torch.is_grad_enabled()
         with torch.inference_mode(False), torch.enable_grad():
             xg = x if x.requires_grad else x.clone().requires_grad_(True)
-            gx = self.g(xg)
+            gx = self.g_of(xg, context)
             logdet = self.logdet(xg, gx, name, create_graph)
         if not create_graph:
             gx, logdet = gx.detach(), logdet.detach()
         return x + gx, logdet
 
-    @torch.no_grad()
-    def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        """x with x + g(x) = y by the fixed point x <- y - g(x) (a contraction: converges geometrically)."""
-        x = y - self.g(y)
-        for _ in range(self.inverse_iters):
-            x_new = y - self.g(x)
-            if (x_new - x).abs().max() < self.inverse_atol:
-                return x_new
-            x = x_new
+    def inverse(self, y: torch.Tensor, context: torch.Tensor | None = None, grad_steps: int = 0) -> torch.Tensor:
+        """x with x + g(x; c) = y by the fixed point x <- y - g(x; c) (a contraction: converges geometrically),
+        iterated without a graph. ``grad_steps`` > 0: that many more iterations with the graph, from the
+        converged point, so gradients reach y, c and g's parameters (the first ``grad_steps`` terms of the
+        Neumann series of the implicit gradient ``(I + J)^-1``)."""
+        with torch.no_grad():
+            x = y - self.g_of(y, context)
+            for _ in range(self.inverse_iters):
+                x_new = y - self.g_of(x, context)
+                done = (x_new - x).abs().max() < self.inverse_atol
+                x = x_new
+                if done:
+                    break
+        for _ in range(grad_steps):
+            x = y - self.g_of(x, context)
         return x
 
     # ---- log-determinant estimators ------------------------------------------------------------------
