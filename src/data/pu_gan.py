@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -125,7 +126,7 @@ def write_off(path: Path, verts: np.ndarray, faces: np.ndarray) -> None:
 
 
 def write_pu_dataset(root: str | Path, n_meshes: int = 8, patches_per_mesh: int = 16, n_test: int = 2,
-                     seed: int = 0) -> Path:
+                     seed: int = 0, n_test_points: int = 2048) -> Path:
     """The generated PU-GAN layout under ``root``: ``train/pu_patches.h5`` and ``test/<name>.{off,xyz}``;
     skipped when an identical copy is there."""
     import h5py
@@ -133,7 +134,7 @@ def write_pu_dataset(root: str | Path, n_meshes: int = 8, patches_per_mesh: int 
     from src.data.generate import _write_once
 
     params = {"format": "pu_gan", "n_meshes": n_meshes, "patches_per_mesh": patches_per_mesh, "n_test": n_test,
-              "seed": seed, "version": 1}
+              "seed": seed, "n_test_points": n_test_points, "version": 1}
 
     def fill(tmp: Path) -> None:
         (tmp / "train").mkdir(parents=True)
@@ -153,7 +154,7 @@ def write_pu_dataset(root: str | Path, n_meshes: int = 8, patches_per_mesh: int 
             f.create_dataset("poisson_1024", data=np.stack(dense).astype(np.float32))
         for name, verts, faces in generated_meshes(n_test, seed + 1000):
             write_off(tmp / "test" / f"{name}.off", verts, faces)
-            np.savetxt(tmp / "test" / f"{name}.xyz", even_points(verts, faces, 2048, seed).numpy(), fmt="%.6f")
+            np.savetxt(tmp / "test" / f"{name}.xyz", even_points(verts, faces, n_test_points, seed).numpy(), fmt="%.6f")
 
     return _write_once(Path(root), params, fill)
 
@@ -218,3 +219,55 @@ def load_test_shapes(folder: str | Path) -> list[dict]:
         shapes.append({"name": xyz.stem, "input": torch.from_numpy(read_xyz(xyz)).float(), "verts": verts,
                        "faces": faces})
     return shapes
+
+
+class PUGANDataModule(L.LightningDataModule):
+    """PU-GAN layout at ``root``: ``train/<train_file>`` (HDF5 patches) and ``test/*.xyz`` + ``*.off``; with
+    ``generate`` set, the generated dataset is written there first. The last ``val_fraction`` of the patches
+    is held out for validation.
+
+    Args: batch_size: patches per step. augment: PU-GAN's augmentation of training patches. num_workers.
+        test_dir: the test inputs and meshes (default ``root/test``; e.g. the shared PU-GAN test meshes).
+    """
+
+    def __init__(self, root: str, train_file: str = "pu_patches.h5", batch_size: int = 8, val_fraction: float = 0.1,
+                 augment: bool = True, generate: dict | None = None, num_workers: int = 0, seed: int = 0,
+                 test_dir: str | None = None) -> None:
+        super().__init__()
+        self.root, self.train_file, self.batch_size = Path(root), train_file, int(batch_size)
+        self.test_dir = Path(test_dir) if test_dir else self.root / "test"
+        self.val_fraction, self.augment, self.generate = val_fraction, augment, generate
+        self.num_workers, self.seed = num_workers, seed
+        self.train_set = self.val_set = None
+        self.test_shapes: list[dict] | None = None
+        self.test_split_used = "test"
+
+    def prepare_data(self) -> None:
+        if self.generate is not None:
+            write_pu_dataset(self.root, **self.generate)
+        elif not self.root.is_dir():
+            raise DataError(f"data root not found: {self.root} (set data.root=/path/to/pu_gan)")
+
+    def setup(self, stage: str | None = None) -> None:
+        self.prepare_data()
+        if stage in (None, "fit", "validate") and self.train_set is None:
+            full = PUPatches(self.root / "train" / self.train_file, augment=False, seed=self.seed)
+            n_val = max(1, int(round(len(full) * self.val_fraction)))
+            idx = torch.arange(len(full))
+            train = PUPatches(self.root / "train" / self.train_file, augment=self.augment, seed=self.seed)
+            self.train_set = torch.utils.data.Subset(train, idx[:-n_val].tolist())
+            self.val_set = torch.utils.data.Subset(full, idx[-n_val:].tolist())
+        if stage in (None, "test") and self.test_shapes is None:
+            self.test_shapes = load_test_shapes(self.test_dir)
+
+    def train_dataloader(self):
+        g = torch.Generator().manual_seed(self.seed)
+        sampler = torch.utils.data.RandomSampler(self.train_set, replacement=True, num_samples=10**9, generator=g)
+        return torch.utils.data.DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler,
+                                           num_workers=self.num_workers, drop_last=True)
+
+    def val_dataloader(self):
+        return torch.utils.data.DataLoader(self.val_set, batch_size=self.batch_size, num_workers=self.num_workers)
+
+    def test_dataloader(self):
+        return torch.utils.data.DataLoader(self.test_shapes, batch_size=None, collate_fn=lambda x: x)

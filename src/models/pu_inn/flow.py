@@ -55,9 +55,10 @@ class SpectralNormLinear(nn.Linear):
         self.power_iteration(n)
 
     def effective_weight(self) -> torch.Tensor:
-        if self.training and self.n_iterations > 0:
+        if self.training and self.n_iterations > 0 and torch.is_grad_enabled():
             self.power_iteration(self.n_iterations)
-        sigma = torch.dot(self.u, self.weight @ self.v)
+        # clones: later power iterations update u, v in place while this graph still needs them
+        sigma = torch.dot(self.u.clone(), self.weight @ self.v.clone())
         return self.weight / torch.clamp(sigma / self.coeff, min=1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -152,6 +153,8 @@ class ResidualBlock(nn.Module):
         create_graph = self.training and torch.is_grad_enabled()
         with torch.inference_mode(False), torch.enable_grad():
             xg = x if x.requires_grad else x.clone().requires_grad_(True)
+            if context is not None and torch.is_inference(context):
+                context = context.clone()  # a normal tensor: it takes part in the graph of the log-det
             gx = self.g_of(xg, context)
             logdet = self.logdet(xg, gx, name, create_graph)
         if not create_graph:

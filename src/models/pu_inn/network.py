@@ -1,0 +1,119 @@
+"""The PU-INN upsampler: local features from k nearest neighbours (EdgeConv), a conditional residual flow
+from xyz to a latent space, learnt convex interpolation of latent codes to r times as many points, and the
+inverse flow back to xyz."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from src.models.pu_inn.flow import ResidualBlock
+
+
+def knn(points: torch.Tensor, k: int, queries: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices (B, M, k) of the k nearest ``points`` (B, N, 3) of each query (default: the points themselves,
+    which then come first)."""
+    queries = points if queries is None else queries
+    return torch.cdist(queries, points).topk(k, dim=-1, largest=False).indices
+
+
+def gather(values: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """values (B, N, C), idx (B, M, k) -> (B, M, k, C)."""
+    b, m, k = idx.shape
+    return values.gather(1, idx.reshape(b, m * k, 1).expand(-1, -1, values.shape[-1])).reshape(b, m, k, -1)
+
+
+class EdgeConv(nn.Module):
+    """``f_i = max_j MLP([h_i, h_j - h_i])`` over the k nearest neighbours j of point i (DGCNN)."""
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(2 * in_dim, out_dim), nn.LeakyReLU(0.2), nn.Linear(out_dim, out_dim))
+
+    def forward(self, h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        nb = gather(h, idx)  # (B, N, k, C)
+        centre = h[:, :, None].expand_as(nb)
+        return self.mlp(torch.cat([centre, nb - centre], -1)).amax(2)
+
+
+class PUINN(nn.Module):
+    """Args: k: neighbours for features and interpolation. feat_dim: per-point feature size. n_blocks, hidden,
+    n_layers, coeff: the flow (``ResidualBlock``). estimator / eval_estimator and the series options: the
+    log-det estimators. up_ratio: r. inverse_grad_steps: unrolled inverse iterations that carry gradients."""
+
+    def __init__(self, k: int = 16, feat_dim: int = 64, n_blocks: int = 4, hidden: int = 64, n_layers: int = 3,
+                 coeff: float = 0.97, up_ratio: int = 4, estimator: str = "poisson", eval_estimator: str = "poisson",
+                 n_exact_terms: int = 2, lam: float = 2.0, n_terms: int = 10, neumann_grad: bool = True,
+                 inverse_grad_steps: int = 5) -> None:
+        super().__init__()
+        self.k, self.up_ratio, self.inverse_grad_steps = k, up_ratio, inverse_grad_steps
+        self.edge1 = EdgeConv(3, feat_dim // 2)
+        self.edge2 = EdgeConv(feat_dim // 2, feat_dim - feat_dim // 2)
+        self.blocks = nn.ModuleList([
+            ResidualBlock(3, hidden, n_layers, coeff, estimator, eval_estimator, n_terms, n_exact_terms, lam,
+                          neumann_grad=neumann_grad, context_dim=feat_dim) for _ in range(n_blocks)])
+        # r sets of convex weights over the k neighbours, from each point's feature
+        self.interp = nn.Sequential(nn.Linear(feat_dim, feat_dim), nn.ReLU(), nn.Linear(feat_dim, up_ratio * k))
+        nn.init.zeros_(self.interp[-1].weight)
+        with torch.no_grad():  # start near "the point itself and midpoints towards its nearest neighbours"
+            bias = torch.full((up_ratio, k), -4.0)
+            bias[:, 0] = 0.0
+            for m in range(1, up_ratio):
+                bias[m, m] = 0.0
+            self.interp[-1].bias.copy_(bias.flatten())
+
+    def features(self, pts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = knn(pts, self.k)
+        f1 = self.edge1(pts, idx)
+        return torch.cat([f1, self.edge2(f1, idx)], -1), idx
+
+    def flow(self, x: torch.Tensor, context: torch.Tensor, with_logdet: bool = True):
+        """xyz (M, 3) -> latent (M, 3) and the summed log-det (M,) (or None)."""
+        total = None
+        for block in self.blocks:
+            x, ld = block(x, context, with_logdet=with_logdet)
+            if ld is not None:
+                total = ld if total is None else total + ld
+        return x, total
+
+    def flow_inverse(self, z: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        for block in reversed(self.blocks):
+            z = block.inverse(z, context, grad_steps=self.inverse_grad_steps if torch.is_grad_enabled() else 0)
+        return z
+
+    def forward(self, sparse: torch.Tensor, up_ratio: int | None = None, with_logdet: bool = True) -> dict[str, torch.Tensor]:
+        """sparse (B, N, 3) -> dense (B, r N, 3); also the latent codes and (``with_logdet``) the log-det of
+        the flow at the sparse points."""
+        r = up_ratio or self.up_ratio
+        if r != self.up_ratio:
+            raise ValueError(f"this model interpolates {self.up_ratio} points per input point, not {r}")
+        b, n, _ = sparse.shape
+        feat, idx = self.features(sparse)
+        ctx = feat.reshape(b * n, -1)
+        z, logdet = self.flow(sparse.reshape(b * n, 3), ctx, with_logdet=with_logdet)
+        w = torch.softmax(self.interp(feat).reshape(b, n, r, self.k), -1)  # (B, N, r, k)
+        z_nb = gather(z.reshape(b, n, 3), idx)  # (B, N, k, 3)
+        c_nb = gather(feat, idx)
+        z_new = torch.einsum("bnrk,bnkc->bnrc", w, z_nb).reshape(b * n * r, 3)
+        c_new = torch.einsum("bnrk,bnkc->bnrc", w, c_nb).reshape(b * n * r, -1)
+        dense = self.flow_inverse(z_new, c_new).reshape(b, n * r, 3)
+        return {"dense": dense, "latent": z.reshape(b, n, 3), "features": feat,
+                "logdet": None if logdet is None else logdet.reshape(b, n)}
+
+    def nll(self, sparse: torch.Tensor, feat: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        """Negative log-likelihood (nats per point, standard normal prior on the latent) of target points
+        (B, M, 3) under the flow, each conditioned on the features of its 3 nearest sparse points
+        (inverse-distance weights)."""
+        b, m, _ = dense.shape
+        idx = knn(sparse, 3, queries=dense)
+        d = (gather(sparse, idx) - dense[:, :, None]).norm(dim=-1).clamp(min=1e-8)
+        wts = (1.0 / d) / (1.0 / d).sum(-1, keepdim=True)
+        ctx = (gather(feat, idx) * wts[..., None]).sum(2).reshape(b * m, -1)
+        z, logdet = self.flow(dense.reshape(b * m, 3), ctx)
+        log_prior = -0.5 * (z**2).sum(-1) - 1.5 * math.log(2 * math.pi)
+        return -(log_prior + logdet).mean()
+
+    def refresh(self, n: int = 50) -> None:
+        for block in self.blocks:
+            block.refresh(n)
