@@ -89,9 +89,11 @@ def run(cfg: DictConfig) -> dict:
     datamodule.setup("test")
     trainer.test(model, datamodule=datamodule, verbose=False)
     metrics = {**fit_metrics, **{k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}}
-    _, reason = lpips_model()
-    if reason:
-        metrics["test/lpips"] = f"unavailable: {reason}"
+    if "test/psnr" in metrics:  # image methods: say why LPIPS is missing rather than leave it out silently
+        _, reason = lpips_model()
+        if reason:
+            metrics["test/lpips"] = f"unavailable: {reason}"
+    backends = kernels.used_backends()
     metrics.update({
         "time/load_s": round(load_s, 2),
         "time/train_s": round(train_s, 2),
@@ -99,7 +101,8 @@ def run(cfg: DictConfig) -> dict:
         "train/steps": int(trainer.global_step),
         "data/test_split": datamodule.test_split_used,
         "memory/peak_mb": round(peak_memory_mb(model.device), 1),
-        **{f"kernels/{op}": backend for op, backend in kernels.used_backends().items()},
+        # which backend each custom kernel ran on (only for methods that call any of them)
+        **({f"kernels/{op}": b for op, b in backends.items()} if any("not called" not in b for b in backends.values()) else {}),
     })
     for cb in trainer.callbacks:  # callbacks with a summary (memory growth, throughput, ...)
         if hasattr(cb, "summary"):

@@ -2,6 +2,7 @@
 unbiasedness of the Russian roulette, the Neumann gradient, the inverse and the Lipschitz bound."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -169,6 +170,25 @@ def test_pu_cd_hd_on_hand_made_clouds():
     assert n.norm(dim=-1).max() == pytest.approx(1.0) and float(s) == pytest.approx(3.0)
 
 
+def test_emd_is_the_optimal_matching():
+    """EMD against every one-to-one matching of 6 points (720 permutations); a shifted copy scores the shift;
+    unequal sizes are refused."""
+    import itertools
+
+    from src.geometry.pu_metrics import emd_exact
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(6, 3, generator=g).double(), torch.rand(6, 3, generator=g).double()
+    d = torch.cdist(a, b)
+    brute = min(float(d[torch.arange(6), list(p)].mean()) for p in itertools.permutations(range(6)))
+    assert float(emd_exact(a[None], b[None])[0]) == pytest.approx(brute)
+    assert brute > float(d.amin(1).mean()) + 1e-6  # a matching, not each point's nearest neighbour
+    shift = torch.tensor([0.3, -0.4, 0.0], dtype=torch.float64)
+    assert float(emd_exact(a[None], a[torch.randperm(6, generator=g)][None] + shift)[0]) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="equal size"):
+        emd_exact(a[None], b[None, :5])
+
+
 def test_point_to_triangle_distance_matches_a_dense_search():
     g = torch.Generator().manual_seed(0)
     verts = torch.rand(4, 3, generator=g, dtype=torch.float64)
@@ -266,7 +286,7 @@ def test_pu_inn_smoke_lowers_cd_and_memory_stays_flat(make_cfg, tmp_path):
 
     cfg = make_cfg("experiment=pu_inn_smoke", "callbacks=memory", out=tmp_path / "run")
     metrics = run(cfg)
-    for key in ("test/cd", "test/hd", "test/p2f", "val/cd", "val/nll"):
+    for key in ("test/cd", "test/hd", "test/emd", "test/p2f", "val/cd", "val/nll"):
         assert key in metrics and math.isfinite(metrics[key]), key
     torch.manual_seed(cfg.seed)
     init = instantiate(cfg.model, _convert_="all")
@@ -277,3 +297,7 @@ def test_pu_inn_smoke_lowers_cd_and_memory_stays_flat(make_cfg, tmp_path):
     assert metrics["val/cd"] < 0.85 * float(before), (metrics["val/cd"], float(before))  # seen: 1.35e-3 vs 1.80e-3
     assert metrics["memory/leak_found"] is False
     assert (tmp_path / "run" / "test_points").is_dir()
+    per_shape = json.loads((tmp_path / "run" / "test_scores.json").read_text())
+    assert len(per_shape) == 2 and all(s["n_output"] == 4 * s["n_input"] == 2048 for s in per_shape)
+    assert metrics["test/cd"] == pytest.approx(1e3 * sum(s["cd"] for s in per_shape) / 2, rel=1e-4)
+    assert "test/lpips" not in metrics and not any(k.startswith("kernels/") for k in metrics)
