@@ -134,7 +134,7 @@ def write_pu_dataset(root: str | Path, n_meshes: int = 8, patches_per_mesh: int 
     from src.data.generate import _write_once
 
     params = {"format": "pu_gan", "n_meshes": n_meshes, "patches_per_mesh": patches_per_mesh, "n_test": n_test,
-              "seed": seed, "n_test_points": n_test_points, "version": 1}
+              "seed": seed, "n_test_points": n_test_points, "version": 2}
 
     def fill(tmp: Path) -> None:
         (tmp / "train").mkdir(parents=True)
@@ -143,10 +143,10 @@ def write_pu_dataset(root: str | Path, n_meshes: int = 8, patches_per_mesh: int 
         for k, (_, verts, faces) in enumerate(generated_meshes(n_meshes, seed)):
             cloud = sample_surface(verts, faces, 16384, seed=seed + k)
             seeds = farthest_point_sample(cloud, patches_per_mesh, start=k)
-            for s in seeds:
-                near = torch.cdist(cloud[s][None], cloud)[0].topk(4096, largest=False).indices
+            for s in seeds:  # an eighth of the surface: the share of a 256-point test patch of a 2048-point input
+                near = torch.cdist(cloud[s][None], cloud)[0].topk(2048, largest=False).indices
                 region = cloud[near]
-                target = region[farthest_point_sample(region, 1024, start=int(s) % 4096)]
+                target = region[farthest_point_sample(region, 1024, start=int(s) % 2048)]
                 sparse.append(target[farthest_point_sample(target, 256, start=int(s) % 1024)].numpy())
                 dense.append(target.numpy())
         with h5py.File(tmp / "train" / "pu_patches.h5", "w") as f:

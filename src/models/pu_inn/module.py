@@ -36,6 +36,23 @@ def upsample_shape(model: PUINN, points: torch.Tensor, patch_size: int = 256, pa
     return merged[farthest_point_sample(merged, model.up_ratio * n)]
 
 
+def score_shape(pred: torch.Tensor, verts, faces, gt_points: int | None = None, gt_oversample: int = 8) -> dict[str, float]:
+    """A cloud (N, 3) against its mesh, as the PU-GAN benchmark scores it (raw values): CD and HD against an
+    even ``gt_points``-point sample of the mesh (default N), EMD (when the sizes agree) and P2F (mean, std),
+    all in the ground truth's unit-sphere frame."""
+    pred = pred.detach().double()
+    verts, faces = torch.as_tensor(verts).double(), torch.as_tensor(faces)
+    gt = even_surface_sample(verts.numpy(), faces.numpy(), gt_points or pred.shape[0], gt_oversample).to(pred)
+    verts, faces = verts.to(pred.device), faces.to(pred.device)
+    scores = cd_hd(pred, gt)
+    if pred.shape[0] == gt.shape[0]:
+        scores["emd"] = float(emd_exact(normalize_unit_sphere(pred)[0][None], normalize_unit_sphere(gt)[0][None])[0])
+    _, centre, scale = normalize_unit_sphere(gt)  # the benchmark normalises both clouds
+    p2f = point_triangle_distance((pred - centre) / scale, (verts - centre) / scale, faces)
+    scores.update({"p2f": float(p2f.mean()), "p2f_std": float(p2f.std())})
+    return scores
+
+
 class PUINNModule(L.LightningModule):
     """Args (``conf/model/pu_inn.yaml``): net: ``PUINN`` options. lr, weight_decay, lr_decay_every,
     lr_decay: Adam with step decay. w_cd, w_emd, w_nll: loss weights. iters: training steps. patch_size: test
@@ -93,18 +110,7 @@ class PUINNModule(L.LightningModule):
     def test_step(self, batch, batch_idx) -> None:
         shape = batch
         pred = upsample_shape(self.net, shape["input"].to(self.device), self.hparams.patch_size)
-        verts, faces = torch.as_tensor(shape["verts"]).double(), torch.as_tensor(shape["faces"])
-        n_gt = self.hparams.gt_points or pred.shape[0]
-        gt = even_surface_sample(verts.numpy(), faces.numpy(), n_gt, self.hparams.gt_oversample).to(pred)
-        scores = cd_hd(pred.double(), gt.double())
-        # P2F in the normalised frame of the ground truth (the benchmark normalises both clouds)
-        _, centre, scale = normalize_unit_sphere(gt.double())
-        p2f = point_triangle_distance((pred.double() - centre) / scale, (verts.to(pred.device) - centre) / scale,
-                                      faces.to(pred.device))
-        scores.update({"p2f": float(p2f.mean()), "p2f_std": float(p2f.std())})
-        if pred.shape[0] == gt.shape[0]:  # EMD needs equal sizes (true unless gt_points is set otherwise)
-            pn, gn = normalize_unit_sphere(pred.double())[0], normalize_unit_sphere(gt.double())[0]
-            scores["emd"] = float(emd_exact(pn[None], gn[None])[0])
+        scores = score_shape(pred, shape["verts"], shape["faces"], self.hparams.gt_points, self.hparams.gt_oversample)
         self.test_scores.append({"name": shape["name"], "n_input": int(shape["input"].shape[0]),
                                  "n_output": int(pred.shape[0]), **scores})
         folder = Path(self.trainer.default_root_dir) / "test_points"
