@@ -6,8 +6,9 @@ target's centroid and furthest distance (as PU-GAN's loader). Test data: meshes 
 2048-point inputs ``<name>.xyz``.
 
 The generated version: simple meshes (icospheres, boxes, tori, cylinders) at random scales and rotations;
-patches are the 4096 dense surface samples nearest to a farthest-point seed, thinned by farthest-point
-sampling to 1024 (the target, an even sample) and to 256 (the input); test inputs are 2048 even samples.
+patches are the 2048 of 16384 dense surface samples nearest to a farthest-point seed (an eighth of the
+surface, as a 256-point test patch of a 2048-point input), thinned by farthest-point sampling to 1024 (the
+target, an even sample) and to 256 (the input); test inputs are 2048 even samples.
 """
 from __future__ import annotations
 
@@ -19,39 +20,11 @@ import torch
 from torch.utils.data import Dataset
 
 from src.data.blender import DataError
-from src.geometry.mesh import sample_surface
+from src.geometry.mesh import icosphere, sample_surface
 from src.geometry.pu_metrics import farthest_point_sample, normalize_unit_sphere
 
 
 # ---------------------------------------------------------------------------------------------- meshes
-def icosphere(subdivisions: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    t = (1 + 5**0.5) / 2
-    v = [[-1, t, 0], [1, t, 0], [-1, -t, 0], [1, -t, 0], [0, -1, t], [0, 1, t], [0, -1, -t], [0, 1, -t],
-         [t, 0, -1], [t, 0, 1], [-t, 0, -1], [-t, 0, 1]]
-    f = [[0, 11, 5], [0, 5, 1], [0, 1, 7], [0, 7, 10], [0, 10, 11], [1, 5, 9], [5, 11, 4], [11, 10, 2], [10, 7, 6],
-         [7, 1, 8], [3, 9, 4], [3, 4, 2], [3, 2, 6], [3, 6, 8], [3, 8, 9], [4, 9, 5], [2, 4, 11], [6, 2, 10],
-         [8, 6, 7], [9, 8, 1]]
-    verts = [np.asarray(p, dtype=np.float64) / np.linalg.norm(p) for p in v]
-    faces = f
-    for _ in range(subdivisions):
-        cache: dict[tuple[int, int], int] = {}
-
-        def mid(a: int, b: int) -> int:
-            key = (min(a, b), max(a, b))
-            if key not in cache:
-                m = verts[a] + verts[b]
-                verts.append(m / np.linalg.norm(m))
-                cache[key] = len(verts) - 1
-            return cache[key]
-
-        new = []
-        for a, b, c in faces:
-            ab, bc, ca = mid(a, b), mid(b, c), mid(c, a)
-            new += [[a, ab, ca], [b, bc, ab], [c, ca, bc], [ab, bc, ca]]
-        faces = new
-    return np.stack(verts), np.asarray(faces, dtype=np.int64)
-
-
 def grid_surface(fn, nu: int, nv: int, wrap_u: bool, wrap_v: bool) -> tuple[np.ndarray, np.ndarray]:
     """Triangulated parametric surface ``fn(u, v)`` on [0, 1]^2 (wrapped where the surface closes)."""
     us = np.linspace(0, 1, nu, endpoint=not wrap_u)

@@ -95,3 +95,33 @@ def sample_surface(verts: np.ndarray, faces: np.ndarray, n: int, seed: int = 0) 
     r1, r2 = torch.rand(n, 1, generator=g, dtype=torch.float64).sqrt(), torch.rand(n, 1, generator=g, dtype=torch.float64)
     a, b, c = v[tri, 0], v[tri, 1], v[tri, 2]
     return (1 - r1) * a + r1 * (1 - r2) * b + r1 * r2 * c
+
+
+def icosphere(subdivisions: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """The unit ico-sphere: the icosahedron with each triangle split in four ``subdivisions`` times, new
+    vertices pushed to the sphere (10 * 4^level + 2 vertices: 2562 at level 4), (V, 3) float64 and (F, 3)."""
+    t = (1 + 5**0.5) / 2
+    v = [[-1, t, 0], [1, t, 0], [-1, -t, 0], [1, -t, 0], [0, -1, t], [0, 1, t], [0, -1, -t], [0, 1, -t],
+         [t, 0, -1], [t, 0, 1], [-t, 0, -1], [-t, 0, 1]]
+    f = [[0, 11, 5], [0, 5, 1], [0, 1, 7], [0, 7, 10], [0, 10, 11], [1, 5, 9], [5, 11, 4], [11, 10, 2], [10, 7, 6],
+         [7, 1, 8], [3, 9, 4], [3, 4, 2], [3, 2, 6], [3, 6, 8], [3, 8, 9], [4, 9, 5], [2, 4, 11], [6, 2, 10],
+         [8, 6, 7], [9, 8, 1]]
+    verts = [np.asarray(p, dtype=np.float64) / np.linalg.norm(p) for p in v]
+    faces = f
+    for _ in range(subdivisions):
+        cache: dict[tuple[int, int], int] = {}
+
+        def mid(a: int, b: int) -> int:
+            key = (min(a, b), max(a, b))
+            if key not in cache:
+                m = verts[a] + verts[b]
+                verts.append(m / np.linalg.norm(m))
+                cache[key] = len(verts) - 1
+            return cache[key]
+
+        new = []
+        for a, b, c in faces:
+            ab, bc, ca = mid(a, b), mid(b, c), mid(c, a)
+            new += [[a, ab, ca], [b, bc, ab], [c, ca, bc], [ab, bc, ca]]
+        faces = new
+    return np.stack(verts), np.asarray(faces, dtype=np.int64)
