@@ -96,7 +96,7 @@ def list_split(root: Path, split: str, holdout: int) -> list[Path]:
 
 class DepthMaps(Dataset):
     """Depth maps of one split: each item is ``depth`` (1, H, W) in metres, ``points`` (n_points, 3) camera
-    points of valid pixels (random each time when ``resample``, else fixed), ``centre`` (3,) and ``radius``
+    points of distinct valid pixels (random each time when ``resample``, else fixed), ``centre`` (3,) and ``radius``
     (the valid cloud's centroid and furthest distance: the frame the model works in), ``index``."""
 
     def __init__(self, files: list[Path], intrinsics: dict, n_points: int, resample: bool, max_depth: float | None,
@@ -116,7 +116,10 @@ class DepthMaps(Dataset):
         if pts.shape[0] < 16:
             raise DataError(f"{self.files[i]}: only {pts.shape[0]} valid depth pixels")
         g = None if self.resample else torch.Generator().manual_seed(self.seed + i)
-        choice = torch.randint(pts.shape[0], (self.n_points,), generator=g)
+        if pts.shape[0] >= self.n_points:  # distinct pixels; repeats only when the map has too few
+            choice = torch.randperm(pts.shape[0], generator=g)[:self.n_points]
+        else:
+            choice = torch.randint(pts.shape[0], (self.n_points,), generator=g)
         centre = pts.mean(0)
         return {"depth": depth[None], "points": pts[choice], "centre": centre,
                 "radius": (pts - centre).norm(dim=-1).max(), "index": i}
