@@ -28,14 +28,14 @@ def ico_sphere(level: int) -> tuple[torch.Tensor, torch.Tensor]:
 # ------------------------------------------------------------------------------------------ transform
 def transform_meshes(verts: torch.Tensor, scale: torch.Tensor, euler: torch.Tensor, trans: torch.Tensor) -> torch.Tensor:
     """Every prototype placed by every slot at once: ``R(euler) (scale * v) + t``.
-    verts (P, V, 3); scale, euler, trans (B, K, 3) -> (B, K, P, V, 3). One batched rotation-matrix call and
-    one ``bmm`` over the B*K slots."""
+    verts (P, V, 3); scale, euler, trans (B, K, 3) -> (B, K, P, V, 3). One batched Euler-to-matrix call, the
+    scale folded into the matrix (``R diag(s)``), and one ``baddbmm`` over the B*K slots."""
     b, k, _ = scale.shape
     p, v, _ = verts.shape
-    rot = euler_angles_to_matrix(euler.reshape(b * k, 3))  # (B*K, 3, 3)
-    scaled = verts[None, None] * scale[:, :, None, None, :]  # (B, K, P, V, 3)
-    rotated = torch.bmm(scaled.reshape(b * k, p * v, 3), rot.transpose(1, 2))  # (B*K, P*V, 3)
-    return rotated.reshape(b, k, p, v, 3) + trans[:, :, None, None, :]
+    affine = euler_angles_to_matrix(euler.reshape(b * k, 3)) * scale.reshape(b * k, 1, 3)  # (B*K, 3, 3): R diag(s)
+    placed = torch.baddbmm(trans.reshape(b * k, 1, 3), verts.reshape(1, p * v, 3).expand(b * k, -1, -1),
+                           affine.transpose(1, 2))  # (B*K, P*V, 3)
+    return placed.reshape(b, k, p, v, 3)
 
 
 def transform_meshes_looped(verts: torch.Tensor, scale: torch.Tensor, euler: torch.Tensor,
