@@ -15,8 +15,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
 import src.config  # noqa: F401  (resolvers used by saved configs)
-from src.callbacks.mesh import export_mesh, mesh_metrics
-from src.geometry import chamfer_fscore
+from src.callbacks.mesh import export_mesh, score_against_truth
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -47,10 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = a.out or a.run_dir / f"mesh_{a.resolution}.ply"
     verts, faces = export_mesh(model, dm, out, a.resolution)
     result = {"mesh": str(out), "vertices": len(verts), "faces": len(faces)}
-    gt = getattr(dm, "gt_surface", lambda: None)()
-    if gt is not None:
-        result.update(mesh_metrics(verts, faces, gt, a.n_points, a.fscore_threshold))
-        result["chamfer_floor"] = chamfer_fscore(dm.gt_surface(seed=2), gt, a.fscore_threshold)["chamfer"]
+    result.update(score_against_truth(verts, faces, dm, a.n_points, a.fscore_threshold) or {})
     print(json.dumps(result, indent=2))
     return result
 

@@ -20,6 +20,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
 from src.data.blender import DataError
+from src.geometry.rotation import random_rotation
 
 INTRINSIC_KEYS = ("fx", "fy", "cx", "cy")
 
@@ -177,14 +178,6 @@ class DepthDataModule(L.LightningDataModule):
 
 
 # ------------------------------------------------------------------------------------------- generator
-def _rotation(rng: np.random.Generator) -> np.ndarray:
-    q = rng.normal(size=4)
-    w, x, y, z = q / np.linalg.norm(q)
-    return np.array([[1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
-                     [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
-                     [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)]])
-
-
 def random_primitives(rng: np.random.Generator, max_count: int) -> list[dict]:
     """1..max_count primitives (ellipsoids and boxes) in front of the camera: centre (camera frame, metres),
     half-axes, rotation (object-to-camera)."""
@@ -192,7 +185,7 @@ def random_primitives(rng: np.random.Generator, max_count: int) -> list[dict]:
     for _ in range(int(rng.integers(1, max_count + 1))):
         prims.append({"kind": str(rng.choice(["ellipsoid", "box"])),
                       "centre": [float(rng.uniform(-0.6, 0.6)), float(rng.uniform(-0.6, 0.6)), float(rng.uniform(2.8, 3.8))],
-                      "half_axes": rng.uniform(0.15, 0.45, size=3).tolist(), "rotation": _rotation(rng).tolist()})
+                      "half_axes": rng.uniform(0.15, 0.45, size=3).tolist(), "rotation": random_rotation(rng).tolist()})
     return prims
 
 
@@ -219,7 +212,7 @@ def ray_cast_depth(prims: list[dict], size: int, fx: float, cx: float) -> np.nda
     return np.where(np.isfinite(best), best, 0.0).reshape(size, size)
 
 
-def write_depth_scenes(root: str | Path, n_train: int = 64, n_val: int = 4, n_test: int = 8, image_size: int = 64,
+def write_depth_scenes(root: str | Path, n_train: int = 512, n_val: int = 4, n_test: int = 8, image_size: int = 64,
                        max_primitives: int = 3, seed: int = 0) -> Path:
     """Scenes of 1..max_primitives ellipsoids and boxes rendered to depth: ``{split}/{i:04d}.png`` 16-bit in
     millimetres, ``intrinsics.json`` (a 53-degree field of view), ``primitives.json`` (the true primitives of
@@ -227,7 +220,7 @@ def write_depth_scenes(root: str | Path, n_train: int = 64, n_val: int = 4, n_te
     from src.data.generate import _write_once
 
     params = {"format": "depth", "n_train": n_train, "n_val": n_val, "n_test": n_test, "image_size": image_size,
-              "max_primitives": max_primitives, "seed": seed, "version": 1}
+              "max_primitives": max_primitives, "seed": seed, "version": 2}
     f = image_size / (2 * math.tan(math.radians(53.13) / 2))
     intrinsics = {"fx": f, "fy": f, "cx": image_size / 2, "cy": image_size / 2, "depth_scale": 1000.0}
 

@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 from src.data.blender import DataError
 from src.geometry.mesh import icosphere, sample_surface
 from src.geometry.pu_metrics import farthest_point_sample, normalize_unit_sphere
+from src.geometry.rotation import random_rotation
 
 
 # ---------------------------------------------------------------------------------------------- meshes
@@ -66,12 +67,6 @@ def cylinder(radius: float = 0.4, half_h: float = 0.8, n: int = 48) -> tuple[np.
         j = (i + 1) % n
         faces += [[i, j, n + j], [i, n + j, n + i], [2 * n, j, i], [2 * n + 1, n + i, n + j]]
     return verts, np.asarray(faces, dtype=np.int64)
-
-
-def random_rotation(rng: np.random.Generator) -> np.ndarray:
-    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
-    q = q * np.sign(np.diag(r))
-    return q if np.linalg.det(q) > 0 else -q
 
 
 def generated_meshes(n: int, seed: int = 0) -> list[tuple[str, np.ndarray, np.ndarray]]:

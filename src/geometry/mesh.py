@@ -85,16 +85,25 @@ def mesh_area(verts: np.ndarray, faces: np.ndarray) -> float:
     return float(0.5 * np.linalg.norm(np.cross(v[:, 1] - v[:, 0], v[:, 2] - v[:, 0]), axis=-1).sum())
 
 
+def sample_points(verts: torch.Tensor, faces: torch.Tensor, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """n points on each mesh (..., V, 3) sharing ``faces`` (F, 3): triangles drawn by area, uniform
+    barycentric coordinates; differentiable with respect to the vertices. -> (..., n, 3)"""
+    lead = verts.shape[:-2]
+    tri = verts.reshape(-1, verts.shape[-2], 3)[:, faces]  # (M, F, 3, 3)
+    area = torch.linalg.cross(tri[:, :, 1] - tri[:, :, 0], tri[:, :, 2] - tri[:, :, 0]).norm(dim=-1)
+    face = torch.multinomial(area.detach() + 1e-12, n, replacement=True, generator=generator)  # (M, n)
+    r1 = torch.rand(face.shape + (1,), generator=generator, dtype=verts.dtype, device=verts.device).sqrt()
+    r2 = torch.rand(face.shape + (1,), generator=generator, dtype=verts.dtype, device=verts.device)
+    chosen = torch.gather(tri, 1, face[..., None, None].expand(-1, -1, 3, 3))  # (M, n, 3, 3)
+    pts = (1 - r1) * chosen[:, :, 0] + r1 * (1 - r2) * chosen[:, :, 1] + r1 * r2 * chosen[:, :, 2]
+    return pts.reshape(lead + (n, 3))
+
+
 def sample_surface(verts: np.ndarray, faces: np.ndarray, n: int, seed: int = 0) -> torch.Tensor:
-    """``n`` points uniformly distributed over the mesh surface (area-weighted triangles, uniform
-    barycentric coordinates), (n, 3) float64."""
-    v = torch.as_tensor(verts, dtype=torch.float64)[torch.as_tensor(faces)]
-    area = 0.5 * torch.linalg.cross(v[:, 1] - v[:, 0], v[:, 2] - v[:, 0]).norm(dim=-1)
-    g = torch.Generator().manual_seed(seed)
-    tri = torch.multinomial(area, n, replacement=True, generator=g)
-    r1, r2 = torch.rand(n, 1, generator=g, dtype=torch.float64).sqrt(), torch.rand(n, 1, generator=g, dtype=torch.float64)
-    a, b, c = v[tri, 0], v[tri, 1], v[tri, 2]
-    return (1 - r1) * a + r1 * (1 - r2) * b + r1 * r2 * c
+    """``n`` points uniformly distributed over one mesh (:func:`sample_points` in float64 with a seeded
+    generator), (n, 3) float64."""
+    return sample_points(torch.as_tensor(verts, dtype=torch.float64), torch.as_tensor(faces), n,
+                         torch.Generator().manual_seed(seed))
 
 
 def icosphere(subdivisions: int = 2) -> tuple[np.ndarray, np.ndarray]:

@@ -1,21 +1,15 @@
 """Chamfer distance and F-score between surfaces given as dense point samples (the DTU protocol's
-point-to-point form). pytorch3d's knn is used when importable; otherwise exact nearest neighbours by
-blocked pairwise distances."""
+point-to-point form); nearest neighbours by :func:`src.geometry.knn.knn_points`."""
 from __future__ import annotations
 
 import torch
 
+from src.geometry.knn import knn_points
 
-def nearest_distances(src: torch.Tensor, dst: torch.Tensor, block: int = 4096) -> torch.Tensor:
+
+def nearest_distances(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
     """For each point of ``src`` (N, 3), the Euclidean distance to its nearest point of ``dst`` (M, 3)."""
-    src, dst = src.double(), dst.double()
-    try:
-        from pytorch3d.ops import knn_points
-
-        return knn_points(src[None], dst[None], K=1).dists[0, :, 0].sqrt()
-    except ImportError:
-        pass
-    return torch.cat([torch.cdist(s, dst).amin(-1) for s in src.split(block)])
+    return knn_points(src.double()[None], dst.double()[None], 1)[0][0, :, 0].sqrt()
 
 
 def chamfer_fscore(pred: torch.Tensor, gt: torch.Tensor, threshold: float) -> dict[str, float]:

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from src.geometry.knn import knn_points
+
 
 def normalize_unit_sphere(points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(N, 3) -> points centred on their mean and scaled so the furthest lies on the unit sphere; also the
@@ -20,17 +22,12 @@ def normalize_unit_sphere(points: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return (points - centre) / scale, centre, scale
 
 
-def squared_nn(src: torch.Tensor, dst: torch.Tensor, block: int = 4096) -> torch.Tensor:
-    """Squared distance from each point of ``src`` to its nearest point of ``dst``."""
-    src, dst = src.double(), dst.double()
-    return torch.cat([torch.cdist(s, dst).amin(-1) ** 2 for s in src.split(block)])
-
-
 def cd_hd(pred: torch.Tensor, gt: torch.Tensor, normalize: bool = True) -> dict[str, float]:
     """PU-GAN's CD and HD (raw values) between clouds (N, 3) and (M, 3)."""
     if normalize:
         pred, gt = normalize_unit_sphere(pred)[0], normalize_unit_sphere(gt)[0]
-    fwd, bwd = squared_nn(pred, gt), squared_nn(gt, pred)
+    pred, gt = pred.double()[None], gt.double()[None]
+    fwd, bwd = knn_points(pred, gt, 1)[0], knn_points(gt, pred, 1)[0]
     return {"cd": float(fwd.mean() + bwd.mean()), "hd": float(max(fwd.max(), bwd.max()))}
 
 
@@ -130,12 +127,6 @@ def even_surface_sample(verts: np.ndarray, faces: np.ndarray, n: int, oversample
 
     dense = sample_surface(verts, faces, oversample * n, seed=seed)
     return dense[farthest_point_sample(dense, n)]
-
-
-def chamfer_squared(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
-    """Differentiable batched CD as the benchmark defines it (no normalisation): (B, N, 3), (B, M, 3) -> (B,)."""
-    d = torch.cdist(pred, gt) ** 2
-    return d.amin(2).mean(1) + d.amin(1).mean(1)
 
 
 def emd_exact(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:

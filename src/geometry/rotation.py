@@ -1,8 +1,10 @@
-"""Euler angles to rotation matrices, batched (pytorch3d's ``euler_angles_to_matrix`` convention)."""
+"""Euler angles to rotation matrices, batched (pytorch3d's ``euler_angles_to_matrix`` convention); random
+rotations for generated data."""
 from __future__ import annotations
 
 import functools
 
+import numpy as np
 import torch
 
 
@@ -28,3 +30,10 @@ def euler_angles_to_matrix(angles: torch.Tensor, convention: str = "XYZ") -> tor
     except ImportError:
         return functools.reduce(torch.matmul, [axis_rotation(a, t) for a, t in zip(convention, angles.unbind(-1))])
     return p3d(angles, convention)
+
+
+def random_rotation(rng: np.random.Generator) -> np.ndarray:
+    """A uniformly random rotation (3, 3): QR of a Gaussian matrix, signs fixed, determinant +1."""
+    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
+    q = q * np.sign(np.diag(r))
+    return q if np.linalg.det(q) > 0 else -q

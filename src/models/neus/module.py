@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from src.models.base import RenderMixin
 from src.models.neus.network import BackgroundNeRF, RenderingNetwork, SDFNetwork, SingleVariance
+from src.render.compositing import dense_weights
 from src.render.rays import rays_through
 from src.render.sampling import sample_pdf
 
@@ -44,8 +45,7 @@ def upsample_weights(z: torch.Tensor, sdf: torch.Tensor, rays_o: torch.Tensor, r
     prev_cdf = torch.sigmoid((mid_sdf - cos * dist * 0.5) * inv_s)
     next_cdf = torch.sigmoid((mid_sdf + cos * dist * 0.5) * inv_s)
     alpha = (prev_cdf - next_cdf + 1e-5) / (prev_cdf + 1e-5)
-    trans = torch.cumprod(torch.cat([torch.ones_like(alpha[:, :1]), 1.0 - alpha + 1e-7], -1), -1)[:, :-1]
-    return alpha * trans
+    return dense_weights(alpha, eps=1e-7)
 
 
 def neus_alpha(sdf: torch.Tensor, grad: torch.Tensor, dirs: torch.Tensor, dists: torch.Tensor,
@@ -193,8 +193,7 @@ class NeuSModule(RenderMixin, L.LightningModule):
             z_w = torch.cat([mid_z, z_out], -1)  # depths of the merged samples (z_out lies beyond every z)
         else:
             z_w = mid_z
-        trans = torch.cumprod(torch.cat([torch.ones_like(alpha[:, :1]), 1.0 - alpha + 1e-7], -1), -1)[:, :-1]
-        weights = alpha * trans
+        weights = dense_weights(alpha, eps=1e-7)
         acc = weights.sum(-1)
         color = (rgb * weights[..., None]).sum(1)
         if bg_alpha is None and hp.background:

@@ -15,8 +15,10 @@ from PIL import Image
 
 from src.data.depth import project_points
 from src.geometry.knn import chamfer
+from src.geometry.mesh import sample_points
+from src.models.base import depth_to_gray
 from src.models.proto_depth.losses import hybrid_chamfer, slot_coverage
-from src.models.proto_depth.network import ProtoDepthNet, sample_points, slot_colours
+from src.models.proto_depth.network import ProtoDepthNet, slot_colours
 
 
 class ProtoDepthModule(L.LightningModule):
@@ -103,12 +105,8 @@ class ProtoDepthModule(L.LightningModule):
         k = self.trainer.datamodule.intrinsics if self.trainer.datamodule is not None else None
         if k is None:
             return
-        valid = depth > 0
-        gray = torch.zeros_like(depth)
-        if valid.any():
-            lo, hi = depth[valid].min(), depth[valid].max()
-            gray = torch.where(valid, 1 - 0.8 * (depth - lo) / (hi - lo + 1e-8), gray)
-        base = (gray[..., None].expand(*gray.shape, 3).cpu().numpy() * 255).astype(np.uint8)
+        gray = depth_to_gray(depth, (depth > 0).to(depth.dtype))  # (H, W, 3); no measurement: black
+        base = (gray.cpu().numpy() * 255).astype(np.uint8)
         over = base.copy()
         h, w = depth.shape
         colours = slot_colours(pred.shape[0])

@@ -1,6 +1,6 @@
 """Proto-Depth's parts: a depth-map encoder, per-slot pose / prototype-weight heads, learnable prototypes
-(vertex offsets on an ico-sphere), the mesh transform of every batch x slot x prototype mesh (vectorised,
-with the looped version as its reference), and differentiable area-weighted surface sampling."""
+(vertex offsets on an ico-sphere), and the mesh transform of every batch x slot x prototype mesh (vectorised,
+with the looped version as its reference). Surface sampling is ``src.geometry.mesh.sample_points``."""
 from __future__ import annotations
 
 import math
@@ -51,20 +51,6 @@ def transform_meshes_looped(verts: torch.Tensor, scale: torch.Tensor, euler: tor
             slots.append(torch.stack([(verts[pi] * scale[bi, ki]) @ rot.T + trans[bi, ki] for pi in range(verts.shape[0])]))
         out.append(torch.stack(slots))
     return torch.stack(out)
-
-
-def sample_points(verts: torch.Tensor, faces: torch.Tensor, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """n points on each mesh (..., V, 3) sharing ``faces`` (F, 3): triangles drawn by area, uniform
-    barycentric coordinates; differentiable with respect to the vertices. -> (..., n, 3)"""
-    lead = verts.shape[:-2]
-    tri = verts.reshape(-1, verts.shape[-2], 3)[:, faces]  # (M, F, 3, 3)
-    area = torch.linalg.cross(tri[:, :, 1] - tri[:, :, 0], tri[:, :, 2] - tri[:, :, 0]).norm(dim=-1)
-    face = torch.multinomial(area.detach() + 1e-12, n, replacement=True, generator=generator)  # (M, n)
-    r1 = torch.rand(face.shape + (1,), generator=generator, device=verts.device).sqrt()
-    r2 = torch.rand(face.shape + (1,), generator=generator, device=verts.device)
-    chosen = torch.gather(tri, 1, face[..., None, None].expand(-1, -1, 3, 3))  # (M, n, 3, 3)
-    pts = (1 - r1) * chosen[:, :, 0] + r1 * (1 - r2) * chosen[:, :, 1] + r1 * r2 * chosen[:, :, 2]
-    return pts.reshape(lead + (n, 3))
 
 
 # ------------------------------------------------------------------------------------------ networks

@@ -12,7 +12,8 @@ import lightning as L
 import numpy as np
 import torch
 
-from src.geometry.pu_metrics import (cd_hd, chamfer_squared, emd_exact, even_surface_sample, farthest_point_sample,
+from src.geometry.knn import chamfer
+from src.geometry.pu_metrics import (cd_hd, emd_exact, even_surface_sample, farthest_point_sample,
                                      normalize_unit_sphere, point_triangle_distance)
 from src.models.pu_inn.network import PUINN
 
@@ -80,7 +81,7 @@ class PUINNModule(L.LightningModule):
     def _losses(self, batch: dict) -> dict[str, torch.Tensor]:
         hp = self.hparams
         out = self.net(batch["sparse"])
-        losses = {"cd": chamfer_squared(out["dense"], batch["dense"]).mean()}
+        losses = {"cd": chamfer(out["dense"], batch["dense"]).mean()}
         if hp.w_emd > 0:
             losses["emd"] = emd_exact(out["dense"], batch["dense"]).mean()
         if hp.w_nll > 0:

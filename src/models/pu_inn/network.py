@@ -8,14 +8,14 @@ import math
 import torch
 import torch.nn as nn
 
+from src.geometry.knn import knn_points
 from src.models.pu_inn.flow import ResidualBlock
 
 
 def knn(points: torch.Tensor, k: int, queries: torch.Tensor | None = None) -> torch.Tensor:
     """Indices (B, M, k) of the k nearest ``points`` (B, N, 3) of each query (default: the points themselves,
     which then come first)."""
-    queries = points if queries is None else queries
-    return torch.cdist(queries, points).topk(k, dim=-1, largest=False).indices
+    return knn_points(points if queries is None else queries, points, k)[1]
 
 
 def gather(values: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
