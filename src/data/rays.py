@@ -43,13 +43,15 @@ class RaySampler:
 
     ``random``: i.i.d. uniform indices (DVGO's ``random`` sampler). ``permutation``: walks shuffled
     epochs of the pool without replacement (DVGO's ``flatten`` / ``in_maskcache``). ``restrict`` narrows
-    the pool (e.g. to rays that hit the coarse geometry) from a given step on.
+    the pool (e.g. to rays that hit the coarse geometry) from a given step on. Indices are drawn on
+    ``device`` (a GPU's own generator there: no host round trip per step; the draws differ from a CPU's).
     """
 
-    def __init__(self, n_rays: int, batch_size: int, seed: int, rank: int = 0, mode: str = "random") -> None:
+    def __init__(self, n_rays: int, batch_size: int, seed: int, rank: int = 0, mode: str = "random",
+                 device: torch.device | str = "cpu") -> None:
         if mode not in ("random", "permutation"):
             raise ValueError(f"ray sampler mode must be 'random' or 'permutation', got '{mode}'")
-        self.n_rays, self.batch_size, self.mode = n_rays, batch_size, mode
+        self.n_rays, self.batch_size, self.mode, self.device = n_rays, batch_size, mode, torch.device(device)
         self.seed = seed * 100_003 + rank * 7_919
         self.pool: torch.Tensor | None = None
         self.pool_start = 0
@@ -59,21 +61,21 @@ class RaySampler:
         """Sample only the indices ``pool`` (1-D) from step ``from_step`` on."""
         if pool.numel() == 0:
             raise RuntimeError("ray sampler: the restricted pool is empty (no training ray hits the scene)")
-        self.pool, self.pool_start, self.mode, self._perm_cache = pool, from_step, mode, None
+        self.pool, self.pool_start, self.mode, self._perm_cache = pool.to(self.device), from_step, mode, None
 
     def _generator(self, key: int) -> torch.Generator:
-        return torch.Generator().manual_seed(self.seed + 1_000_003 * key)
+        return torch.Generator(device=self.device).manual_seed(self.seed + 1_000_003 * key)
 
     def _permutation(self, epoch: int, size: int) -> torch.Tensor:
         if self._perm_cache is None or self._perm_cache[0] != epoch:
-            self._perm_cache = (epoch, torch.randperm(size, generator=self._generator(-1 - epoch)))
+            self._perm_cache = (epoch, torch.randperm(size, generator=self._generator(-1 - epoch), device=self.device))
         return self._perm_cache[1]
 
     def indices(self, step: int) -> torch.Tensor:
         size = self.n_rays if self.pool is None else self.pool.numel()
         local_step = step - self.pool_start
         if self.mode == "random":
-            idx = torch.randint(size, (self.batch_size,), generator=self._generator(step))
+            idx = torch.randint(size, (self.batch_size,), generator=self._generator(step), device=self.device)
         else:
             epoch, offset = divmod(local_step * self.batch_size, size)
             parts, remaining = [], self.batch_size

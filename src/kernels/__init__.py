@@ -6,7 +6,12 @@ Every op is called through its public function here, which dispatches on the bac
 - ``torch``: :mod:`src.kernels.reference`;
 - ``triton``: :mod:`src.kernels.triton_ops` (imported on first use; needs CUDA tensors, or CPU tensors with
   ``TRITON_INTERPRET=1`` set before Python starts - the interpreter is for checking, not speed);
-- ``auto`` (default): ``triton`` for CUDA tensors when triton is importable, ``torch`` otherwise.
+- ``auto`` (default): ``triton`` for CUDA tensors when triton is importable, ``torch`` otherwise - guarded:
+  the first call of each op on CUDA tensors runs the Triton kernel and the torch reference on copies of
+  the real arguments and compares values and gradients (:mod:`src.kernels.parity`); on a compile error,
+  an exception or a mismatch it logs a warning naming the op and the reason, and that op runs the
+  reference for the rest of the run (``used_backends``: ``torch (fallback: <reason>)``).
+  ``triton`` is strict: its errors propagate, and nothing is compared.
 
 ``set_backend("triton", raw2alpha="torch")`` picks a backend for every op and overrides some;
 :func:`used_backends` reports what each op actually ran (``metrics.json`` records it).
@@ -16,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import logging
 import os
 from typing import Callable, Iterator
 
@@ -30,6 +36,8 @@ BACKENDS = ("auto", "torch", "triton")
 _ACTIVE: dict[str, str] = {op: "auto" for op in OPS}
 _USED: dict[str, str] = {}
 _TRITON: dict[str, object] = {}
+_GUARD: dict[str, str] = {}  # op -> "triton" (checked against the reference) or "torch (fallback: ...)"
+log = logging.getLogger(__name__)
 
 
 def triton_available() -> bool:
@@ -60,6 +68,7 @@ def set_backend(backend: str = "auto", **per_op: str | None) -> None:
                                "(pip install triton; it ships with CUDA builds of torch)")
     _ACTIVE.update(choice)
     _USED.clear()
+    _GUARD.clear()
 
 
 def active_backends() -> dict[str, str]:
@@ -75,7 +84,7 @@ def used_backends() -> dict[str, str]:
 
 @contextlib.contextmanager
 def use_backend(backend: str, **per_op: str | None) -> Iterator[None]:
-    saved, saved_used = dict(_ACTIVE), dict(_USED)
+    saved, saved_used, saved_guard = dict(_ACTIVE), dict(_USED), dict(_GUARD)
     try:
         set_backend(backend, **per_op)
         yield
@@ -83,13 +92,45 @@ def use_backend(backend: str, **per_op: str | None) -> Iterator[None]:
         _ACTIVE.update(saved)
         _USED.clear()
         _USED.update(saved_used)
+        _GUARD.clear()
+        _GUARD.update(saved_guard)
 
 
-def _impl(op: str, tensor: torch.Tensor) -> Callable:
+def _auto_eligible(tensor: torch.Tensor) -> bool:
+    """Whether ``auto`` tries Triton for this tensor (tests widen it to CPU tensors under the interpreter)."""
+    return tensor.is_cuda and triton_available()
+
+
+def _guarded(op: str, args: tuple) -> str:
+    """``auto`` on an eligible tensor: the first call compares Triton with the reference on copies of the
+    real arguments; the verdict holds for the rest of the run."""
+    if op not in _GUARD:
+        from src.kernels import parity
+
+        try:
+            fast = parity.run(getattr(_triton_ops(), op), op, args)
+            ref = parity.run(getattr(reference, op), op, args)
+            verdict = parity.compare(op, fast, ref)
+            reason = "" if verdict.ok else f"mismatch: {verdict.reason}"
+        except Exception as e:  # noqa: BLE001 - a compile error or a crash of the kernel: fall back
+            reason = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"[:300]
+        if reason:
+            log.warning("kernel op '%s': the Triton kernel failed its check against the torch reference "
+                        "(%s); using the torch reference for this op for the rest of the run", op, reason)
+            _GUARD[op] = f"torch (fallback: {reason})"
+        else:
+            _GUARD[op] = "triton"
+    return _GUARD[op]
+
+
+def _impl(op: str, args: tuple) -> Callable:
+    tensor = args[0]
     backend = _ACTIVE[op]
     if backend == "auto":
-        backend = "triton" if tensor.is_cuda and triton_available() else "torch"
-    elif backend == "triton" and not tensor.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        backend = _guarded(op, args) if _auto_eligible(tensor) else "torch"
+        _USED[op] = backend
+        return getattr(_triton_ops() if backend == "triton" else reference, op)
+    if backend == "triton" and not tensor.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError(f"kernel op '{op}': backend 'triton' runs on CUDA tensors; got a {tensor.device} tensor. "
                            "Use kernels=auto/torch on CPU, or set TRITON_INTERPRET=1 before starting Python "
                            "to check the Triton kernels on CPU (slow)")
@@ -116,15 +157,15 @@ def _call(op: str, *args):
     if _CAPTURED is not None and op not in _CAPTURED:
         _CAPTURED[op] = tuple(a.detach().clone().requires_grad_(a.requires_grad) if torch.is_tensor(a) else a
                               for a in args)
-    return _impl(op, args[0])(*args)
+    return _impl(op, args)(*args)
 
 
 def raw2alpha(density, shift, interval):
     return _call("raw2alpha", density, shift, interval)
 
 
-def alpha_to_weights(alpha, ray_id, n_rays):
-    return _call("alpha_to_weights", alpha, ray_id, n_rays)
+def alpha_to_weights(alpha, ray_id, n_rays, stop_T=0.0):
+    return _call("alpha_to_weights", alpha, ray_id, n_rays, stop_T)
 
 
 def segment_sum(values, ray_id, n_rays):

@@ -18,30 +18,43 @@ def raw2alpha(density: torch.Tensor, shift: float | torch.Tensor, interval: floa
 
 
 def ray_layout(ray_id: torch.Tensor, n_rays: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-sample position within its ray (M,), samples per ray (n_rays,), first sample of each ray (n_rays,)."""
-    counts = torch.bincount(ray_id, minlength=n_rays)  # (n_rays,)
-    starts = torch.cumsum(counts, 0) - counts  # (n_rays,)
+    """Per-sample position within its ray (M,), samples per ray (n_rays,), first sample of each ray (n_rays,).
+
+    By binary search in the sorted ``ray_id``: no output size depends on the data, so on a GPU nothing
+    waits for the device (``bincount`` would).
+    """
+    ids = torch.arange(n_rays, device=ray_id.device, dtype=ray_id.dtype)
+    starts = torch.searchsorted(ray_id, ids)  # (n_rays,)
+    counts = torch.searchsorted(ray_id, ids, right=True) - starts  # (n_rays,)
     pos = torch.arange(ray_id.numel(), device=ray_id.device) - starts[ray_id]  # (M,)
     return pos, counts, starts
 
 
 def alpha_to_weights(
-    alpha: torch.Tensor, ray_id: torch.Tensor, n_rays: int
+    alpha: torch.Tensor, ray_id: torch.Tensor, n_rays: int, stop_T: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Volume-rendering weights from per-sample alpha.
 
     ``T_i = prod_{j<i} (1 - alpha_j)`` (exclusive, within the ray), ``w_i = T_i * alpha_i``,
     ``T_last = prod_j (1 - alpha_j)`` (the light that passes the whole ray; 1 for empty rays).
+    Early ray termination (DVGO's CUDA renderer): samples reached with ``T_i < stop_T`` are not composited
+    (their alpha counts as 0: weight 0, no gradient, ``T`` stays at its last value); ``stop_T = 0`` keeps all.
 
-    Args: alpha (M,), ray_id (M,) sorted, n_rays. Returns weights (M,), T (M,), T_last (n_rays,).
+    Args: alpha (M,), ray_id (M,) sorted, n_rays, stop_T. Returns weights (M,), T (M,), T_last (n_rays,).
     """
     pos, counts, _ = ray_layout(ray_id, n_rays)
     width = int(counts.max()) if counts.numel() and alpha.numel() else 0
-    trans = torch.ones(n_rays, width + 1, dtype=alpha.dtype, device=alpha.device)  # (n_rays, max_n + 1)
-    trans = trans.index_put((ray_id, pos + 1), 1 - alpha)
-    trans = torch.cumprod(trans, dim=1)  # inclusive products, shifted by one column = exclusive
-    T = trans[ray_id, pos]  # (M,)
-    T_last = trans.gather(1, counts[:, None]).squeeze(1)  # (n_rays,)
+
+    def transmittance(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        trans = torch.ones(n_rays, width + 1, dtype=a.dtype, device=a.device)  # (n_rays, max_n + 1)
+        trans = torch.cumprod(trans.index_put((ray_id, pos + 1), 1 - a), dim=1)  # column k + 1: after sample k
+        return trans[ray_id, pos], trans.gather(1, counts[:, None]).squeeze(1)  # T (M,), T_last (n_rays,)
+
+    if stop_T > 0:
+        with torch.no_grad():
+            alive = transmittance(alpha)[0] >= stop_T  # a prefix of each ray
+        alpha = torch.where(alive, alpha, torch.zeros_like(alpha))
+    T, T_last = transmittance(alpha)
     return T * alpha, T, T_last
 
 
@@ -98,10 +111,13 @@ def total_variation_add_grad(
 ) -> torch.Tensor:
     """DVGO's total-variation regulariser, added straight into a grid's gradient (in place).
 
-    For a grid (..., X, Y, Z), every voxel gets ``sum over its axis neighbours n of w_axis * clamp(p - p_n, -1, 1)``
-    (the gradient of a smooth-L1 TV), ``wx, wy, wz`` weighting neighbours along X, Y, Z. Unless ``dense_mode``,
-    only voxels whose gradient is already non-zero (touched by rays this step) are changed. Returns ``grad``.
+    For a grid (..., X, Y, Z), every voxel gets ``sum over its axis neighbours n of w_axis / 6 * clamp(p - p_n, -1, 1)``
+    (the gradient of a smooth-L1 TV), ``wx, wy, wz`` weighting neighbours along X, Y, Z; the division by 6 is
+    DVGO's (its CUDA op divides the weights so), so weights from DVGO's configs mean the same here. Unless
+    ``dense_mode``, only voxels whose gradient is already non-zero (touched by rays this step) are changed.
+    Returns ``grad``.
     """
+    wx, wy, wz = wx / 6, wy / 6, wz / 6
     p = param.detach()
     add = torch.zeros_like(p)
     for dim, weight in ((-3, wx), (-2, wy), (-1, wz)):
@@ -122,20 +138,58 @@ def distortion_loss(
     """mip-NeRF 360's distortion loss over flattened samples, in O(N), averaged over rays.
 
     ``L_r = sum_ij w_i w_j |s_i - s_j| + 1/3 sum_i interval_i w_i^2`` (seed 003's ``original_distloss``), with
-    the pairwise term computed as ``2 sum_i w_i (s_i sum_{j<i} w_j - sum_{j<i} w_j s_j)``: ``s`` must increase
-    along each ray (samples front to back). ``interval``: a scalar or one value per sample. Returns
-    ``mean_r L_r`` over all ``n_rays`` (rays without samples count as 0).
+    the pairwise term computed as ``2 sum_i w_i (s_i A_i - B_i)``, ``A_i = sum_{j<i} w_j``, ``B_i = sum_{j<i} w_j s_j``
+    within the ray: ``s`` must increase along each ray (samples front to back). ``interval``: a scalar or a
+    tensor (one value, or one per sample). Returns ``mean_r L_r`` over all ``n_rays`` (rays without samples
+    count as 0). Forward and backward are written out (:class:`_DistortionLoss`): prefix sums of the flat
+    samples in float64, nothing padded, five per-sample tensors kept for the backward pass.
     """
-    pos, counts, _ = ray_layout(ray_id, n_rays)
-    width = max(int(counts.max()), 1) if counts.numel() and weights.numel() else 1
-    w = weights.new_zeros(n_rays, width).index_put((ray_id, pos), weights)  # zero padding adds nothing
-    m = s.new_zeros(n_rays, width).index_put((ray_id, pos), s)
-    wm = w * m
-    before_w = torch.cumsum(w, 1) - w  # exclusive prefix sums within each ray
-    before_wm = torch.cumsum(wm, 1) - wm
-    bi = 2 * (w * (m * before_w - before_wm)).sum()
-    uni = (interval * weights.pow(2)).sum() / 3
-    return (bi + uni) / max(n_rays, 1)
+    return _DistortionLoss.apply(weights, s, interval, ray_id, n_rays)
+
+
+def _segment_prefix(x: torch.Tensor, ray_id: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exclusive prefix sums of ``x`` within each ray (M,) and per-ray totals (n_rays,), in ``x``'s dtype.
+
+    One cumsum over all samples in float64, less its value where each ray starts: exact to float64 rounding
+    of the running total (a float32 cumsum over 10^6 samples would lose ~1e-4 of a ray's sum).
+    """
+    c = torch.cumsum(x, 0, dtype=torch.float64)  # (M,) inclusive
+    c0 = torch.cat([c.new_zeros(1), c])  # (M + 1,): c0[k] = sum of samples before k
+    base = c0[starts]  # (n_rays,)
+    prefix = (c0[:-1] - base[ray_id]).to(x.dtype)  # (M,)
+    return prefix, (c0[starts + counts] - base).to(x.dtype)
+
+
+class _DistortionLoss(torch.autograd.Function):
+    # d/dw_k = 2 (s_k (2 A_k - W) + WM - 2 B_k) + 2/3 iv_k w_k ; d/ds_k = 2 w_k (2 A_k + w_k - W) ; d/div_k = w_k^2 / 3
+    @staticmethod
+    def forward(ctx, w, s, interval, ray_id, n_rays):
+        _, counts, starts = ray_layout(ray_id, n_rays)
+        ws = w * s
+        A, W = _segment_prefix(w, ray_id, starts, counts)
+        B, WM = _segment_prefix(ws, ray_id, starts, counts)
+        bi = 2 * (w * (s * A - B)).sum()
+        uni = (interval * w * w).sum() / 3
+        ctx.save_for_backward(w, s, A, B, ray_id, W, WM, interval if torch.is_tensor(interval) else None)
+        ctx.interval, ctx.n_rays = (None if torch.is_tensor(interval) else interval), n_rays
+        return (bi + uni) / max(n_rays, 1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        w, s, A, B, ray_id, W, WM, iv_tensor = ctx.saved_tensors
+        interval = ctx.interval if iv_tensor is None else iv_tensor
+        scale = g / max(ctx.n_rays, 1)
+        Wr = W[ray_id]
+        gw = gs = giv = None
+        if ctx.needs_input_grad[0]:
+            gw = scale * (2 * (s * (2 * A - Wr) + WM[ray_id] - 2 * B) + (2 / 3) * interval * w)
+        if ctx.needs_input_grad[1]:
+            gs = scale * 2 * w * (2 * A + w - Wr)
+        if iv_tensor is not None and ctx.needs_input_grad[2]:
+            giv = (scale * w * w / 3).sum_to_size(iv_tensor.shape)
+        return gw, gs, giv, None, None
 
 
 def distortion_loss_quadratic(w: torch.Tensor, m: torch.Tensor, interval: float | torch.Tensor) -> torch.Tensor:

@@ -10,18 +10,27 @@ import torch.nn.functional as F
 
 from src import kernels
 from src.models.dvgo.grid import DenseGrid, MaskGrid, grid_points
-from src.render import composite, render_weights
+from src.render import composite
 from src.render.encoding import positional_encoding
 
 
 class DirectVoxGO(nn.Module):
     """One stage's field. ``rgbnet_dim=0``: k0 holds rgb logits (coarse stage); otherwise k0 holds
-    ``rgbnet_dim`` features decoded with the encoded view direction by a ReLU MLP (fine stage)."""
+    ``rgbnet_dim`` features decoded with the encoded view direction by a ReLU MLP (fine stage).
+
+    ``stop_T``: early ray termination as DVGO's CUDA renderer (samples reached with transmittance below it
+    are not composited, and skip the colour grid and MLP); 0 composites every sample.
+
+    The box, resolution and density shift live in buffers (checkpoints); the renderer reads Python copies
+    of the scalars derived from them (``act_shift_value``, ``voxel_size``, ``voxel_size_ratio``), refreshed
+    whenever those buffers change (:meth:`refresh_scalars`), so a training step never reads the GPU.
+    """
 
     def __init__(self, num_voxels: int, num_voxels_base: int, alpha_init: float, fast_color_thres: float,
-                 rgbnet_dim: int, rgbnet_depth: int, rgbnet_width: int, viewbase_pe: int) -> None:
+                 rgbnet_dim: int, rgbnet_depth: int, rgbnet_width: int, viewbase_pe: int, stop_T: float = 0.0) -> None:
         super().__init__()
         self.num_voxels_base, self.fast_color_thres, self.viewbase_pe = num_voxels_base, fast_color_thres, viewbase_pe
+        self.stop_T = stop_T
         self.register_buffer("xyz_min", -torch.ones(3))
         self.register_buffer("xyz_max", torch.ones(3))
         self.register_buffer("act_shift", torch.tensor(math.log(1 / (1 - alpha_init) - 1)))
@@ -38,6 +47,8 @@ class DirectVoxGO(nn.Module):
             layers.append(nn.Linear(rgbnet_width, 3))
             self.rgbnet = nn.Sequential(*layers)
             nn.init.constant_(self.rgbnet[-1].bias, 0)
+        self.refresh_scalars()
+        self.register_load_state_dict_post_hook(lambda module, _: module.refresh_scalars())
 
     # ---- geometry of the lattice -------------------------------------------------------------
     def voxel_size_for(self, num_voxels: float) -> float:
@@ -46,14 +57,19 @@ class DirectVoxGO(nn.Module):
     def world_size_for(self, num_voxels: float) -> tuple[int, int, int]:
         return tuple(int(s) for s in ((self.xyz_max - self.xyz_min) / self.voxel_size_for(num_voxels)).long())
 
-    @property
-    def voxel_size(self) -> float:
-        return self.voxel_size_for(float(self.num_voxels))
+    @torch.no_grad()
+    def refresh_scalars(self) -> None:
+        """Python copies of the buffers' scalars (reads the device once: at setup, rescaling and loading)."""
+        self.act_shift_value = float(self.act_shift)
+        self.voxel_size = self.voxel_size_for(float(self.num_voxels))
+        # voxel size relative to the base resolution: the alpha interval scales with it
+        self.voxel_size_ratio = self.voxel_size / self.voxel_size_for(self.num_voxels_base)
 
-    @property
-    def voxel_size_ratio(self) -> float:
-        """Voxel size relative to the base resolution: the alpha interval scales with it."""
-        return self.voxel_size / self.voxel_size_for(self.num_voxels_base)
+    @torch.no_grad()
+    def shift_density(self, delta: float) -> None:
+        """Add ``delta`` to the density activation's shift (DVGO lowers it at each progressive-scaling step)."""
+        self.act_shift += delta
+        self.refresh_scalars()
 
     @torch.no_grad()
     def reset_box(self, xyz_min: torch.Tensor, xyz_max: torch.Tensor, num_voxels: float) -> None:
@@ -67,11 +83,13 @@ class DirectVoxGO(nn.Module):
             g.xyz_min.copy_(xyz_min)
             g.xyz_max.copy_(xyz_max)
         self.mask_cache = MaskGrid(torch.ones(size, dtype=torch.bool, device=xyz_min.device), xyz_min, xyz_max)
+        self.refresh_scalars()
 
     @torch.no_grad()
     def scale_volume_grid(self, num_voxels: float) -> None:
         """Progressive scaling: resample both grids at ``num_voxels`` and rebuild the mask cache there."""
         self.num_voxels.fill_(num_voxels)
+        self.refresh_scalars()
         size = self.world_size_for(num_voxels)
         self.density.resample(size)
         self.k0.resample(size)
@@ -87,14 +105,14 @@ class DirectVoxGO(nn.Module):
         if pool:
             density = F.max_pool3d(density, kernel_size=3, padding=1, stride=1)
         interval = self.voxel_size_ratio if interval is None else interval
-        return kernels.raw2alpha(density[0, 0], self.act_shift, interval)
+        return kernels.raw2alpha(density[0, 0], self.act_shift_value, interval)
 
     @torch.no_grad()
     def update_occupancy_cache(self) -> None:
         """Drop from the mask cache what has become empty space (max-pooled alpha <= fast_color_thres)."""
         pts = grid_points(self.xyz_min, self.xyz_max, tuple(self.mask_cache.mask.shape))
         density = self.density(pts.reshape(-1, 3)).reshape(1, 1, *self.mask_cache.mask.shape)
-        alpha = kernels.raw2alpha(F.max_pool3d(density, kernel_size=3, padding=1, stride=1)[0, 0], self.act_shift,
+        alpha = kernels.raw2alpha(F.max_pool3d(density, kernel_size=3, padding=1, stride=1)[0, 0], self.act_shift_value,
                                   self.voxel_size_ratio)
         self.mask_cache.mask &= alpha > self.fast_color_thres
 
@@ -108,17 +126,18 @@ class DirectVoxGO(nn.Module):
 
     def forward(self, rays_o: torch.Tensor, rays_d: torch.Tensor, near: float, stepsize: float,
                 background: float) -> dict[str, torch.Tensor]:
-        """Render rays (N, 3): rgb (N, 3), depth (N,), acc (N,), and per-sample values for the losses."""
+        """Render rays (N, 3): rgb (N, 3), depth (N,), acc (N,), per-sample values for the losses, and
+        ``n_colour``: how many samples reached the colour grid (after culling and early termination)."""
         n_rays = rays_o.shape[0]
         s = self.sample(rays_o, rays_d, near, stepsize)
         pts, ray_id, t, step_id = s["pts"], s["ray_id"], s["t"], s["step_id"]
-        alpha = kernels.raw2alpha(self.density(pts)[:, 0], self.act_shift, stepsize * self.voxel_size_ratio)
+        alpha = kernels.raw2alpha(self.density(pts)[:, 0], self.act_shift_value, stepsize * self.voxel_size_ratio)
         if self.fast_color_thres > 0:  # skip near-transparent samples before the colour query
             keep = alpha > self.fast_color_thres
             pts, ray_id, t, step_id, alpha = pts[keep], ray_id[keep], t[keep], step_id[keep], alpha[keep]
-        weights, T_last = render_weights(alpha, ray_id, n_rays)
-        if self.fast_color_thres > 0:  # and samples whose weight is negligible
-            keep = weights > self.fast_color_thres
+        weights, T, T_last = kernels.alpha_to_weights(alpha, ray_id, n_rays, self.stop_T)
+        if self.fast_color_thres > 0 or self.stop_T > 0:  # samples whose weight is negligible, or past termination
+            keep = (weights > self.fast_color_thres) & (T >= self.stop_T)
             pts, ray_id, t, step_id, weights = pts[keep], ray_id[keep], t[keep], step_id[keep], weights[keep]
         k0 = self.k0(pts)
         if self.rgbnet is None:
@@ -132,7 +151,7 @@ class DirectVoxGO(nn.Module):
             "depth": composite(weights, t[:, None], ray_id, n_rays)[:, 0],
             "acc": 1 - T_last,
             "T_last": T_last, "weights": weights, "raw_rgb": rgb, "ray_id": ray_id, "step_id": step_id,
-            "n_steps": s["n_steps"],
+            "n_steps": s["n_steps"], "n_colour": pts.shape[0],
         }
 
     @torch.no_grad()

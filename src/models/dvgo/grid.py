@@ -53,8 +53,11 @@ class MaskGrid(nn.Module):
 
     @torch.no_grad()
     def forward(self, xyz: torch.Tensor) -> torch.Tensor:
-        size = torch.tensor(self.mask.shape, device=xyz.device)
-        ijk = torch.round((xyz - self.xyz_min) / (self.xyz_max - self.xyz_min) * (size - 1)).long()
-        inside = ((ijk >= 0) & (ijk < size)).all(-1)
-        ijk = torch.minimum(ijk.clamp(min=0), size - 1)
-        return self.mask[ijk[:, 0], ijk[:, 1], ijk[:, 2]] & inside
+        rel = (xyz - self.xyz_min) / (self.xyz_max - self.xyz_min)  # (N, 3), the box as [0, 1]^3
+        inside = torch.ones(xyz.shape[0], dtype=torch.bool, device=xyz.device)
+        flat = torch.zeros(xyz.shape[0], dtype=torch.long, device=xyz.device)
+        for axis, n in enumerate(self.mask.shape):  # per axis with Python sizes: no tensor made per call
+            i = torch.round(rel[:, axis] * (n - 1)).long()
+            inside &= (i >= 0) & (i < n)
+            flat = flat * n + i.clamp(0, n - 1)
+        return self.mask.reshape(-1)[flat] & inside

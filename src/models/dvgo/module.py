@@ -55,6 +55,13 @@ class DVGOModule(RenderMixin, L.LightningModule):
         (``kernels.total_variation_add_grad``) at stage-local steps in (tv_after, tv_before) every tv_every
         steps; on every voxel before tv_dense_before, else only on voxels rays touched (DVGO's switches).
         log_every: a one-line progress log (step, stage, train PSNR, stage seconds) every this many steps.
+        stop_transmittance: early ray termination (DVGO's CUDA renderer stops compositing a ray once its
+        transmittance falls below 1e-3; 0 composites every sample).
+
+    On a GPU a training step reads nothing back from the device except what a ragged batch needs (the
+    number of samples, for allocating them): the stage is a Python int, the field's scalars are Python
+    copies, rays are drawn on the device, and the finiteness of the loss is accumulated on the device and
+    checked every ``log_every`` steps and before every checkpoint (on a CPU it is checked every step).
     """
 
     def __init__(self, coarse: dict, fine: dict, n_rand: int, lr_density: float, lr_k0: float, lr_rgbnet: float,
@@ -62,22 +69,26 @@ class DVGOModule(RenderMixin, L.LightningModule):
                  decay_after_scale: float, weight_distortion: float, rgbnet_depth: int, rgbnet_width: int,
                  viewbase_pe: int, chunk: int, seed: int, log_every: int = 500, weight_tv_density: float = 0.0,
                  weight_tv_k0: float = 0.0, tv_every: int = 1, tv_after: int = 0, tv_before: int = 0,
-                 tv_dense_before: int = 0, mesh_resolution: int = 0, mesh_threshold: float = 0.1) -> None:
+                 tv_dense_before: int = 0, mesh_resolution: int = 0, mesh_threshold: float = 0.1,
+                 stop_transmittance: float = 1e-3) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.coarse_cfg, self.fine_cfg = StageConfig(**coarse), StageConfig(**fine)
-        mlp = dict(rgbnet_depth=rgbnet_depth, rgbnet_width=rgbnet_width, viewbase_pe=viewbase_pe)
+        mlp = dict(rgbnet_depth=rgbnet_depth, rgbnet_width=rgbnet_width, viewbase_pe=viewbase_pe,
+                   stop_T=stop_transmittance)
         self.coarse = DirectVoxGO(self.coarse_cfg.num_voxels, self.coarse_cfg.num_voxels_base, self.coarse_cfg.alpha_init,
                                   self.coarse_cfg.fast_color_thres, 0, **mlp)
         self.fine = DirectVoxGO(self.fine_start_voxels, self.fine_cfg.num_voxels_base, self.fine_cfg.alpha_init,
                                 self.fine_cfg.fast_color_thres, self.fine_cfg.rgbnet_dim, **mlp)
-        self.register_buffer("stage", torch.tensor(0))  # 0: not started, 1: coarse, 2: fine
+        self.register_buffer("stage", torch.tensor(0))  # 0: not started, 1: coarse, 2: fine (in checkpoints)
+        self.stage_id = 0  # the same, read by every step without touching the device
         self.ray_bank: RayBank | None = None
         self.sampler: RaySampler | None = None
         self.stage_time = {"coarse": 0.0, "fine": 0.0}
         self.pool_mask: torch.Tensor | None = None
         self._manual_grad_sync = False  # set under DDP (on_train_start)
+        self._first_nonfinite: torch.Tensor | None = None  # CUDA: first step with a non-finite loss, or -1
 
     # ---- schedule ---------------------------------------------------------------------------------
     @property
@@ -90,11 +101,11 @@ class DVGOModule(RenderMixin, L.LightningModule):
 
     @property
     def field(self) -> DirectVoxGO:
-        return self.fine if int(self.stage) == 2 else self.coarse
+        return self.fine if self.stage_id == 2 else self.coarse
 
     @property
     def stage_cfg(self) -> StageConfig:
-        return self.fine_cfg if int(self.stage) == 2 else self.coarse_cfg
+        return self.fine_cfg if self.stage_id == 2 else self.coarse_cfg
 
     def on_train_start(self) -> None:
         model = self.trainer.model  # wrapped by now
@@ -108,8 +119,8 @@ class DVGOModule(RenderMixin, L.LightningModule):
         self.near, self.far, self.background = dm.near, dm.far, dm.background
         self.ray_bank = dm.train_rays.to(self.device)
         self.sampler = RaySampler(len(self.ray_bank), self.hparams.n_rand, self.hparams.seed,
-                                  rank=self.global_rank, mode="random")
-        if int(self.stage) == 2 and self.fine_cfg.ray_sampler == "in_maskcache":  # resumed in the fine stage
+                                  rank=self.global_rank, mode="random", device=self.device)
+        if self.stage_id == 2 and self.fine_cfg.ray_sampler == "in_maskcache":  # resumed in the fine stage
             self._restrict_rays(self.coarse_cfg.iters)
 
     def _start_coarse(self) -> None:
@@ -119,7 +130,7 @@ class DVGOModule(RenderMixin, L.LightningModule):
         log.info("coarse box %s %s, grid %s", xyz_min.tolist(), xyz_max.tolist(), self.coarse.density.world_size)
         if cfg.maskout_near_cam_vox:
             dvgo_setup.maskout_near_cam_vox(self.coarse, dm.splits["train"].c2w[:, :3, 3].to(self.device), self.near)
-        self.stage.fill_(1)
+        self._set_stage(1)
         self._set_optimizer(step_in_stage=0)
         if cfg.pervoxel_lr:
             count = dvgo_setup.voxel_count_views(self.coarse, dm.splits["train"], cfg.pervoxel_lr_downrate,
@@ -134,7 +145,7 @@ class DVGOModule(RenderMixin, L.LightningModule):
         self.fine.mask_cache.mask.copy_(dvgo_setup.mask_from_coarse(self.coarse, self.fine, self.hparams.mask_cache_thres))
         self.pool_mask = self.fine.mask_cache.mask.clone()  # saved: a resumed run rebuilds the same ray pool
         log.info("fine box %s %s, grid %s", xyz_min.tolist(), xyz_max.tolist(), self.fine.density.world_size)
-        self.stage.fill_(2)
+        self._set_stage(2)
         self._set_optimizer(step_in_stage=0)
         if cfg.ray_sampler == "in_maskcache":
             self._restrict_rays(step)
@@ -144,26 +155,32 @@ class DVGOModule(RenderMixin, L.LightningModule):
         mask = MaskGrid(self.pool_mask.to(self.device), self.fine.xyz_min, self.fine.xyz_max)
         pool = dvgo_setup.rays_through_mask(mask, self.fine, self.ray_bank, self.near, self.hparams.stepsize)
         log.info("in_maskcache sampling: %d of %d training rays hit the coarse geometry", pool.numel(), len(self.ray_bank))
-        self.sampler.restrict(pool.cpu(), from_step=step, mode="permutation")
+        self.sampler.restrict(pool, from_step=step, mode="permutation")
+
+    def _set_stage(self, stage: int) -> None:
+        if self.stage_id and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # stage_time counts the stage's queued GPU work, once per stage
+        self.stage_id = stage
+        self.stage.fill_(stage)
 
     def _local_step(self, step: int) -> int:
         """Steps since the current stage started (DVGO's per-stage step counter)."""
-        return step - (self.coarse_cfg.iters if int(self.stage) == 2 else 0)
+        return step - (self.coarse_cfg.iters if self.stage_id == 2 else 0)
 
     def _advance_schedule(self, step: int) -> None:
         """Stage switches, progressive scaling and occupancy-cache refreshes due at ``step``."""
-        if int(self.stage) == 0:
+        if self.stage_id == 0:
             self._start_coarse()
-        if int(self.stage) == 1 and step >= self.coarse_cfg.iters:
+        if self.stage_id == 1 and step >= self.coarse_cfg.iters:
             self._start_fine(step)
         local = self._local_step(step)
         if (local + 500) % 1000 == 0:
             self.field.update_occupancy_cache()
-        if int(self.stage) == 2 and local in self.fine_cfg.pg_scale:
+        if self.stage_id == 2 and local in self.fine_cfg.pg_scale:
             n_rest = len(self.fine_cfg.pg_scale) - self.fine_cfg.pg_scale.index(local) - 1
             self.fine.scale_volume_grid(int(self.fine_cfg.num_voxels / 2**n_rest))
             self._set_optimizer(step_in_stage=0)
-            self.fine.act_shift -= self.hparams.decay_after_scale
+            self.fine.shift_density(-self.hparams.decay_after_scale)
             log.info("step %d: scaled the fine grid to %s", step, self.fine.density.world_size)
 
     # ---- optimisation -----------------------------------------------------------------------------
@@ -194,7 +211,7 @@ class DVGOModule(RenderMixin, L.LightningModule):
     def training_step(self, batch, batch_idx):
         step = self.global_step
         cfg, hp, tic = self.stage_cfg, self.hparams, time.perf_counter()
-        rays = self.ray_bank[self.sampler.indices(step).to(self.device)]
+        rays = self.ray_bank[self.sampler.indices(step)]
         out = self.field(rays.rays_o, rays.rays_d, self.near, hp.stepsize, self.background)
 
         mse = F.mse_loss(out["rgb"], rays.rgb)
@@ -205,14 +222,11 @@ class DVGOModule(RenderMixin, L.LightningModule):
         if cfg.weight_rgbper > 0:  # every contributing sample should itself have the pixel's colour
             per_point = (out["raw_rgb"] - rays.rgb[out["ray_id"]]).pow(2).sum(-1)
             loss = loss + cfg.weight_rgbper * (per_point * out["weights"].detach()).sum() / len(rays)
-        if hp.weight_distortion > 0:
-            n_max = int(out["n_steps"].max())
-            s = (out["step_id"].float() + 0.5) / n_max
+        if hp.weight_distortion > 0:  # s: normalised step position; n_max stays on the device (a 0-d tensor)
+            n_max = out["n_steps"].max().clamp(min=1).to(out["weights"].dtype)
+            s = (out["step_id"].to(n_max.dtype) + 0.5) / n_max
             loss = loss + hp.weight_distortion * kernels.distortion_loss(out["weights"], s, 1 / n_max, out["ray_id"], len(rays))
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite training loss ({loss.item()}) at step {step} ({self.stage_name} stage); "
-                "stopping before the optimizer step, so the last checkpoint is intact")
+        self._check_finite(loss, step)
 
         opt = self.optimizers()
         opt.zero_grad(set_to_none=True)
@@ -232,11 +246,36 @@ class DVGOModule(RenderMixin, L.LightningModule):
         if hp.log_every and (step + 1) % hp.log_every == 0:
             log.info("step %d (%s): train psnr %.2f, %.0f s in this stage", step + 1, self.stage_name, float(psnr),
                      self.stage_time[self.stage_name])
-        self.log_dict({"train/loss": loss.detach(), "train/psnr": psnr, "train/stage": float(self.stage)},
+        if hp.log_every and (step + 1) % hp.log_every == 0:
+            self._raise_if_nonfinite()
+        self.log_dict({"train/loss": loss.detach(), "train/psnr": psnr, "train/stage": float(self.stage_id)},
                       prog_bar=True, batch_size=len(rays))
         return loss.detach()
 
+    def _check_finite(self, loss: torch.Tensor, step: int) -> None:
+        """Stop on a non-finite loss. CPU: at once, before the optimizer step. CUDA: record the first such
+        step on the device (reading it every step would stall the GPU) for :meth:`_raise_if_nonfinite`."""
+        if not loss.is_cuda:
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"non-finite training loss ({loss.item()}) at step {step} ({self.stage_name} stage); "
+                    "stopping before the optimizer step, so the last checkpoint is intact")
+            return
+        if self._first_nonfinite is None:
+            self._first_nonfinite = torch.full((), -1, dtype=torch.long, device=loss.device)
+        bad = ~torch.isfinite(loss) & (self._first_nonfinite < 0)
+        self._first_nonfinite = torch.where(bad, torch.full_like(self._first_nonfinite, step), self._first_nonfinite)
+
+    def _raise_if_nonfinite(self) -> None:
+        if self._first_nonfinite is not None and int(self._first_nonfinite) >= 0:
+            raise FloatingPointError(
+                f"non-finite training loss at step {int(self._first_nonfinite)} (found at step {self.global_step}); "
+                "stopping before the next checkpoint, so the checkpoints on disk predate it")
+
     def on_train_end(self) -> None:
+        self._raise_if_nonfinite()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         if self._manual_grad_sync:  # DDP: every rank must end with the same field
             import torch.distributed as dist
 
@@ -274,7 +313,7 @@ class DVGOModule(RenderMixin, L.LightningModule):
 
     @property
     def stage_name(self) -> str:
-        return "fine" if int(self.stage) == 2 else "coarse"
+        return "fine" if self.stage_id == 2 else "coarse"
 
     # ---- rendering and checkpoints ----------------------------------------------------------------
     def render_rays(self, rays_o: torch.Tensor, rays_d: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -288,18 +327,20 @@ class DVGOModule(RenderMixin, L.LightningModule):
         field, interval = self.field, self.hparams.stepsize * self.field.voxel_size_ratio
 
         def alpha(pts: torch.Tensor) -> torch.Tensor:
-            return kernels.raw2alpha(field.density(pts)[:, 0], field.act_shift, interval)
+            return kernels.raw2alpha(field.density(pts)[:, 0], field.act_shift_value, interval)
 
         return {"field": alpha, "level": self.hparams.mesh_threshold, "inside": "above",
                 "bound_min": field.xyz_min.tolist(), "bound_max": field.xyz_max.tolist()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint["state_dict"]
+        self.stage_id = int(state["stage"])
         self.coarse.match_state(state, "coarse.")
         self.fine.match_state(state, "fine.")
         self.stage_time.update(checkpoint["dvgo_stage_time"])
         self.pool_mask = checkpoint["dvgo_pool_mask"]
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self._raise_if_nonfinite()  # never write a checkpoint of a diverged field
         checkpoint["dvgo_stage_time"] = dict(self.stage_time)
         checkpoint["dvgo_pool_mask"] = None if self.pool_mask is None else self.pool_mask.cpu()
