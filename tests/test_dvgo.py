@@ -132,3 +132,36 @@ def test_dvgo_mesh_from_the_checkpoint_matches_the_scene(smoke_run):
     # a density grid is a rough surface (floaters; this 300-step run also crops the scene's top): far from
     # NeuS's, but within a few hundredths of the truth (the scene spans about 2 units)
     assert result["chamfer"] < 0.07 and result["fscore"] > 0.15, result
+
+
+def test_early_ray_termination_changes_the_image_below_1e3_and_cuts_colour_queries():
+    """DVGO's renderer stops a ray once its transmittance drops below 1e-3 (on by default, as published):
+    the image moves by less than 1e-3 and far fewer samples reach the colour grid and MLP."""
+    from src.models.dvgo.field import DirectVoxGO
+    from src.models.dvgo.grid import grid_points
+
+    torch.manual_seed(0)
+    # fast_color_thres as DVGO's coarse stage (1e-7): termination, not culling, is what drops samples here
+    field = DirectVoxGO(32**3, 32**3, alpha_init=1e-2, fast_color_thres=1e-7, rgbnet_dim=12, rgbnet_depth=3,
+                        rgbnet_width=32, viewbase_pe=4)
+    assert field.stop_T == 0.0  # the field's own default; DVGOModule passes model.stop_transmittance (1e-3)
+    with torch.no_grad():
+        pts = grid_points(field.xyz_min, field.xyz_max, field.density.world_size)
+        field.density.grid[0, 0] = torch.where(pts.norm(dim=-1) < 0.6, 6.0, -30.0)  # alpha ~0.5 a sample in the ball
+        field.k0.grid.normal_()
+    angles = torch.linspace(0, 6.28, 200)
+    rays_o = torch.stack([2.5 * angles.cos(), 2.5 * angles.sin(), 0.3 * angles.sin()], -1)
+    rays_d = -rays_o + 0.4 * torch.randn(200, 3)
+    with torch.no_grad():
+        full = field(rays_o, rays_d, near=0.1, stepsize=0.5, background=1.0)
+        field.stop_T = 1e-3
+        stopped = field(rays_o, rays_d, near=0.1, stepsize=0.5, background=1.0)
+    assert (full["acc"] > 0.99).sum() > 100  # most rays hit the ball
+    diff = (stopped["rgb"] - full["rgb"]).abs().max()
+    assert 0 < diff < 1e-3, diff
+    assert stopped["n_colour"] < 0.6 * full["n_colour"], (stopped["n_colour"], full["n_colour"])
+
+
+def test_published_dvgo_render_and_tv_settings():
+    cfg = OmegaConf.load(Path(__file__).parents[1] / "conf" / "model" / "dvgo.yaml")
+    assert cfg.stop_transmittance == 1e-3  # DVGO's CUDA alpha2weight stops at T < 1e-3

@@ -119,6 +119,46 @@ def test_kernel_alpha_to_weights_gradcheck():
                                             (alpha,))
 
 
+def brute_force_terminated_weights(alpha, ray_id, n_rays, stop_T):
+    """DVGO's CUDA loop: composite, and stop a ray once its transmittance falls below stop_T."""
+    w, T_last = torch.zeros_like(alpha), []
+    for r in range(n_rays):
+        t = 1.0
+        for i in (ray_id == r).nonzero()[:, 0].tolist():
+            w[i] = t * alpha[i]
+            t = t * (1 - float(alpha[i]))
+            if t < stop_T:
+                break
+        T_last.append(t)
+    return w, torch.tensor(T_last, dtype=alpha.dtype, device=alpha.device)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernel_alpha_to_weights_early_termination(dtype):
+    alpha, ray_id = ragged(dtype=dtype, seed=9)
+    alpha = alpha * 0.6 + 0.2  # opaque enough that the long rays terminate
+    n, stop = len(COUNTS), 1e-3
+    ref, out = both("alpha_to_weights", alpha, ray_id, n, stop)
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, **tol(dtype))
+    w_bf, T_last_bf = brute_force_terminated_weights(alpha, ray_id, n, stop)
+    torch.testing.assert_close(ref[0], w_bf, **tol(dtype))
+    torch.testing.assert_close(ref[2], T_last_bf, **tol(dtype))
+    dead = ref[1] < stop
+    assert dead.sum() > 10 and (ref[0][dead] == 0).all()  # terminated samples: weight 0
+    full = kernels.alpha_to_weights(alpha, ray_id, n)
+    assert (ref[2] - full[2]).abs().max() < stop  # what termination leaves out is below stop_T per ray
+    cw, cL = torch.randn_like(alpha), torch.randn(n, dtype=dtype, device=DEV)
+
+    def loss(a):
+        w, T, T_last = kernels.alpha_to_weights(a, ray_id, n, stop)
+        return (w * cw).sum() + (T_last * cL).sum()
+
+    assert_same_grads(loss, [alpha], dtype)
+    g = grads(loss, [alpha])[1][0]
+    assert (g[dead] == 0).all()  # no gradient reaches samples past the termination
+
+
 # ---------------------------------------------------------------------------------------- segment_sum
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(), (1,), (3,), (12,)])
@@ -330,6 +370,105 @@ def test_kernel_backend_switch_errors_and_records(monkeypatch):
     with kernels.use_backend("triton"), pytest.raises(RuntimeError, match="runs on CUDA tensors.*TRITON_INTERPRET=1"):
         kernels.raw2alpha(x, 0.0, 1.0)
     assert kernels.active_backends()["raw2alpha"] == "auto"  # use_backend restores the setting
+
+
+# ------------------------------------------------------------------------------ guarded auto
+@pytest.fixture
+def auto_on_cpu(monkeypatch):
+    """``auto`` treats CPU tensors as it treats CUDA ones (Triton under the interpreter), so the guard runs."""
+    monkeypatch.setattr(kernels, "_auto_eligible", lambda tensor: True)
+    from src.kernels import triton_ops
+    return triton_ops
+
+
+def test_guarded_auto_uses_a_kernel_that_passes_its_check(auto_on_cpu):
+    x = torch.linspace(-5, 5, 101, device=DEV)
+    with kernels.use_backend("auto"):
+        out = kernels.raw2alpha(x, -1.0, 0.5)
+        assert kernels.used_backends()["raw2alpha"] == "triton"
+    torch.testing.assert_close(out, reference.raw2alpha(x, -1.0, 0.5), **tol(torch.float32))
+
+
+@pytest.mark.parametrize("fault", ["raises", "wrong values", "wrong gradient"])
+def test_guarded_auto_falls_back_to_the_reference_and_says_why(auto_on_cpu, monkeypatch, caplog, fault):
+    alpha, ray_id = ragged(seed=11)
+    n = len(COUNTS)
+    good = auto_on_cpu.alpha_to_weights
+
+    def broken(a, rid, n_rays, stop_T=0.0):
+        if fault == "raises":
+            raise RuntimeError("could not find LLVM intrinsic (planted)")
+        w, T, T_last = good(a, rid, n_rays, stop_T)
+        if fault == "wrong values":
+            return w * 1.01, T, T_last
+        return w + (a - a.detach()) * 0.5, T, T_last  # same values, an extra gradient term
+
+    monkeypatch.setattr(auto_on_cpu, "alpha_to_weights", broken)
+    caplog.set_level("WARNING", logger="src.kernels")
+    with kernels.use_backend("auto"):
+        out = kernels.alpha_to_weights(alpha, ray_id, n)
+        used = kernels.used_backends()["alpha_to_weights"]
+        again = kernels.alpha_to_weights(alpha, ray_id, n)  # the verdict holds: no second check
+    assert used.startswith("torch (fallback: ")
+    expect = {"raises": "RuntimeError: could not find LLVM intrinsic", "wrong values": "mismatch: ",
+              "wrong gradient": "mismatch: 0 output and"}[fault]
+    assert expect in used, used
+    assert sum("alpha_to_weights" in r.message and "failed its check" in r.message for r in caplog.records) == 1
+    for a, b in zip(out, reference.alpha_to_weights(alpha, ray_id, n)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # the reference's own result
+    assert all(torch.equal(a, b) for a, b in zip(out, again))
+    with kernels.use_backend("triton"):  # triton stays strict: the planted fault is not hidden
+        if fault == "raises":
+            with pytest.raises(RuntimeError, match="planted"):
+                kernels.alpha_to_weights(alpha, ray_id, n)
+        else:
+            assert not torch.equal(kernels.alpha_to_weights(alpha, ray_id, n)[0], out[0]) or fault == "wrong gradient"
+
+
+def test_guarded_fallback_leaves_a_run_unchanged(auto_on_cpu, monkeypatch, make_cfg, tmp_path):
+    """A DVGO run whose alpha_to_weights kernel is broken under auto ends with the metrics of a torch run,
+    and metrics.json says which op fell back and why."""
+    from src.pipeline import run
+
+    short = ("experiment=dvgo_smoke", "model.coarse.iters=40", "model.fine.iters=40", "model.coarse.alpha_init=0.01",
+             "model.fine.pg_scale=[20]", "trainer.val_check_interval=80", "callbacks.mesh=null")
+    torch_run = run(make_cfg(*short, "kernels=torch", out=tmp_path / "torch"))
+
+    def broken(*args):
+        raise RuntimeError("planted compile error")
+
+    monkeypatch.setattr(auto_on_cpu, "alpha_to_weights", broken)
+    guarded = run(make_cfg(*short, "kernels=torch", "kernels.ops.alpha_to_weights=auto", out=tmp_path / "auto"))
+    assert guarded["kernels/alpha_to_weights"] == "torch (fallback: RuntimeError: planted compile error)"
+    for key in ("test/psnr", "test/ssim", "val/psnr"):
+        assert guarded[key] == torch_run[key], key
+
+
+def test_kernel_ab_compares_sample_sets_that_differ_at_the_boundary(auto_on_cpu, monkeypatch, tmp_path):
+    """A GPU may place a boundary sample differently: the A/B callback matches samples by (ray, step),
+    counts the difference, and still fails a kernel that moves many samples - without crashing on the
+    differing sizes."""
+    from src.callbacks.kernel_ab import KernelAB
+
+    o, d = random_rays()
+    lo, hi = torch.tensor([-1.0, -0.5, -0.8], device=DEV), torch.tensor([1.2, 0.7, 0.9], device=DEV)
+    good = auto_on_cpu.sample_pts_on_rays
+    drop = {"n": 1}
+
+    def drops_samples(*args):
+        out = good(*args)
+        keep = torch.ones(out["ray_id"].numel(), dtype=torch.bool, device=DEV)
+        keep[torch.arange(drop["n"]) * 37 + 5] = False
+        return {k: (v if k == "n_steps" else v[keep]) for k, v in out.items()}
+
+    monkeypatch.setattr(auto_on_cpu, "sample_pts_on_rays", drops_samples)
+    args = {"sample_pts_on_rays": (o, d, lo, hi, 0.1, 1e9, 0.01)}
+    row = KernelAB(str(tmp_path), reps=1).compare(args)[0]
+    assert row["parity"] == "ok" and row["n_differ"] == 1, row
+    drop["n"] = 40
+    row = KernelAB(str(tmp_path), reps=1).compare(args)[-1]
+    assert row["parity"].startswith("40 output") and row["n_differ"] == 40, row
+    assert "| sample_pts_on_rays | triton |" in (tmp_path / "kernel_ab.txt").read_text()
 
 
 # ------------------------------------------------------------------------------ DVGO end to end

@@ -23,11 +23,16 @@ def ray_layout(ray_id: torch.Tensor, n_rays: int) -> tuple[torch.Tensor, torch.T
     By binary search in the sorted ``ray_id``: no output size depends on the data, so on a GPU nothing
     waits for the device (``bincount`` would).
     """
-    ids = torch.arange(n_rays, device=ray_id.device, dtype=ray_id.dtype)
-    starts = torch.searchsorted(ray_id, ids)  # (n_rays,)
-    counts = torch.searchsorted(ray_id, ids, right=True) - starts  # (n_rays,)
-    pos = torch.arange(ray_id.numel(), device=ray_id.device) - starts[ray_id]  # (M,)
+    starts, counts = ray_starts_counts(ray_id, n_rays)
+    pos = torch.arange(ray_id.numel(), device=ray_id.device) - starts.index_select(0, ray_id)  # (M,)
     return pos, counts, starts
+
+
+def ray_starts_counts(ray_id: torch.Tensor, n_rays: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """First sample (n_rays,) and sample count (n_rays,) of each ray, from the sorted ``ray_id``."""
+    ids = torch.arange(n_rays, device=ray_id.device, dtype=ray_id.dtype)
+    starts = torch.searchsorted(ray_id, ids)
+    return starts, torch.searchsorted(ray_id, ids, right=True) - starts
 
 
 def alpha_to_weights(
@@ -141,52 +146,62 @@ def distortion_loss(
     the pairwise term computed as ``2 sum_i w_i (s_i A_i - B_i)``, ``A_i = sum_{j<i} w_j``, ``B_i = sum_{j<i} w_j s_j``
     within the ray: ``s`` must increase along each ray (samples front to back). ``interval``: a scalar or a
     tensor (one value, or one per sample). Returns ``mean_r L_r`` over all ``n_rays`` (rays without samples
-    count as 0). Forward and backward are written out (:class:`_DistortionLoss`): prefix sums of the flat
-    samples in float64, nothing padded, five per-sample tensors kept for the backward pass.
+    count as 0). Forward and backward are written out (:class:`_DistortionLoss`).
     """
     return _DistortionLoss.apply(weights, s, interval, ray_id, n_rays)
 
 
-def _segment_prefix(x: torch.Tensor, ray_id: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exclusive prefix sums of ``x`` within each ray (M,) and per-ray totals (n_rays,), in ``x``'s dtype.
+def _padded(x: torch.Tensor, lin: torch.Tensor | None, n_rays: int, width: int) -> torch.Tensor:
+    """Flat samples (M,) into the (n_rays, width) layout, zero-padded; a view when every ray is full."""
+    if lin is None:
+        return x.reshape(n_rays, width)
+    return x.new_zeros(n_rays * width).index_copy_(0, lin, x).reshape(n_rays, width)
 
-    One cumsum over all samples in float64, less its value where each ray starts: exact to float64 rounding
-    of the running total (a float32 cumsum over 10^6 samples would lose ~1e-4 of a ray's sum).
-    """
-    c = torch.cumsum(x, 0, dtype=torch.float64)  # (M,) inclusive
-    c0 = torch.cat([c.new_zeros(1), c])  # (M + 1,): c0[k] = sum of samples before k
-    base = c0[starts]  # (n_rays,)
-    prefix = (c0[:-1] - base[ray_id]).to(x.dtype)  # (M,)
-    return prefix, (c0[starts + counts] - base).to(x.dtype)
+
+def _flat(x: torch.Tensor, lin: torch.Tensor | None) -> torch.Tensor:
+    return x.reshape(-1) if lin is None else x.reshape(-1).index_select(0, lin)
 
 
 class _DistortionLoss(torch.autograd.Function):
-    # d/dw_k = 2 (s_k (2 A_k - W) + WM - 2 B_k) + 2/3 iv_k w_k ; d/ds_k = 2 w_k (2 A_k + w_k - W) ; d/div_k = w_k^2 / 3
+    """The O(N) distortion loss on the rays' (n_rays, longest ray) layout, zero-padded (padding adds nothing),
+    with forward and backward written out: prefix sums within each ray (``cumsum`` along the row), and
+    ``d/dw_k = 2 (s_k (2 A_k - W) + WM - 2 B_k) + 2/3 iv_k w_k``, ``d/ds_k = 2 w_k (2 A_k + w_k - W)``."""
+
     @staticmethod
     def forward(ctx, w, s, interval, ray_id, n_rays):
-        _, counts, starts = ray_layout(ray_id, n_rays)
-        ws = w * s
-        A, W = _segment_prefix(w, ray_id, starts, counts)
-        B, WM = _segment_prefix(ws, ray_id, starts, counts)
-        bi = 2 * (w * (s * A - B)).sum()
-        uni = (interval * w * w).sum() / 3
-        ctx.save_for_backward(w, s, A, B, ray_id, W, WM, interval if torch.is_tensor(interval) else None)
+        starts, counts = ray_starts_counts(ray_id, n_rays)
+        M = w.numel()
+        width = max(int(counts.max()), 1) if n_rays and M else 1
+        lin = None  # every ray has `width` samples: the flat samples already are the layout
+        if M != n_rays * width:
+            lin = ray_id * width + torch.arange(M, device=w.device) - starts.index_select(0, ray_id)
+        w2, s2 = _padded(w, lin, n_rays, width), _padded(s, lin, n_rays, width)  # (n_rays, width)
+        ws2 = w2 * s2
+        A = torch.cumsum(w2, 1).sub_(w2)  # exclusive prefix sums within each ray
+        B = torch.cumsum(ws2, 1).sub_(ws2)
+        pair = torch.addcmul(-B, s2, A).mul_(w2).sum()  # sum_k w_k (s_k A_k - B_k)
+        one_iv = not torch.is_tensor(interval) or interval.numel() == 1
+        uni = (torch.dot(w, w) * (interval.reshape(()) if torch.is_tensor(interval) else interval) if one_iv
+               else (interval * w * w).sum()) / 3
+        ctx.save_for_backward(w, w2, s2, A, B, lin, interval if torch.is_tensor(interval) else None)
         ctx.interval, ctx.n_rays = (None if torch.is_tensor(interval) else interval), n_rays
-        return (bi + uni) / max(n_rays, 1)
+        return (2 * pair + uni) / max(n_rays, 1)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        w, s, A, B, ray_id, W, WM, iv_tensor = ctx.saved_tensors
+        w, w2, s2, A, B, lin, iv_tensor = ctx.saved_tensors
         interval = ctx.interval if iv_tensor is None else iv_tensor
         scale = g / max(ctx.n_rays, 1)
-        Wr = W[ray_id]
+        W = A[:, -1:] + w2[:, -1:]  # (n_rays, 1) ray totals (padding is zero)
+        WM = B[:, -1:] + w2[:, -1:] * s2[:, -1:]
+        v = (2 * A).sub_(W)  # 2 A - W
         gw = gs = giv = None
         if ctx.needs_input_grad[0]:
-            gw = scale * (2 * (s * (2 * A - Wr) + WM[ray_id] - 2 * B) + (2 / 3) * interval * w)
+            gw2 = torch.addcmul(WM, s2, v).sub_(B, alpha=2).mul_(2 * scale)  # 2 (s v + WM - 2 B)
+            gw = _flat(gw2, lin).add_((2 / 3) * interval * w * scale)
         if ctx.needs_input_grad[1]:
-            gs = scale * 2 * w * (2 * A + w - Wr)
+            gs = _flat(v.add_(w2).mul_(w2).mul_(2 * scale), lin)
         if iv_tensor is not None and ctx.needs_input_grad[2]:
             giv = (scale * w * w / 3).sum_to_size(iv_tensor.shape)
         return gw, gs, giv, None, None
