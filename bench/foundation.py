@@ -32,7 +32,7 @@ def train(args: list[str], run_dir: Path) -> tuple[dict, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lego", default=str(ROOT.parent / "shared" / "data" / "nerf_synthetic" / "lego"))
+    parser.add_argument("--lego", default=str(ROOT / "data" / "nerf_synthetic" / "lego"))
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "foundation_cpu.md"))
     parser.add_argument("--skip-lego", action="store_true")
     args = parser.parse_args()

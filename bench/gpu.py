@@ -30,7 +30,7 @@ if "--tiny" in sys.argv:  # Triton's interpreter must be chosen before triton is
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
-from _common import ROOT, device_name, emit  # noqa: E402  (bench/_common.py)
+from _common import ROOT, device_name, emit, steps_per_second  # noqa: E402  (bench/_common.py)
 
 import kernels as kernels_bench  # noqa: E402  (bench/kernels.py)
 from src import kernels  # noqa: E402
@@ -50,15 +50,7 @@ def sync() -> None:
 
 def timed(fn, reps: int) -> float:
     """Median seconds of ``reps`` calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(reps):
-        sync()
-        tic = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - tic)
-    return sorted(times)[len(times) // 2]
+    return 1.0 / steps_per_second(fn, reps)
 
 
 # ------------------------------------------------------------------------------- op arguments

@@ -131,8 +131,8 @@ DIST_IMPLS = ("original_distloss (O(N^2))", "eff_distloss (package, dense B x N)
               "ours, triton (flat + ray_id)")
 
 
-def dist_case(impl: str, N: int, B: int = 8192, reps: int | None = None, ragged: bool = False) -> dict:
-    """One distortion case (fwd + bwd), timed; run in its own process on CPU for a clean peak RSS.
+def _dist_runner(impl: str, N: int, B: int, ragged: bool):
+    """The inputs of one distortion case and a function running ``impl`` on them once (fwd + bwd).
 
     ``ragged``: ray i has n_i ~ U[N/2, 3N/2] samples (as DVGO's rays through a box); the dense package then
     runs on the zero-padded (B, max n_i) layout a user would build, the flat ones on the n_i samples."""
@@ -163,16 +163,37 @@ def dist_case(impl: str, N: int, B: int = 8192, reps: int | None = None, ragged:
                 loss = kernels.distortion_loss(x, mf, 1 / N, ray_id, B)
         loss.backward()
 
+    return run
+
+
+def dist_case(impl: str, N: int, B: int = 8192, reps: int | None = None, ragged: bool = False) -> dict:
+    """One distortion case (fwd + bwd): time and peak memory; run in its own process on CPU for a clean
+    peak RSS."""
+    run = _dist_runner(impl, N, B, ragged)
     if not CUDA:  # reset this process's peak RSS (VmHWM) to its current RSS, after the inputs exist
         reset_peak_rss()
         base_rss = rss_bytes() / 2**20
-    # the O(N^2) definition takes seconds a call; the O(N) ones are timed over 21 calls (CPU timings of
-    # large fresh allocations vary with page faults: the median of many is the stable figure)
     reps = reps or (5 if impl.startswith("original") else 21)
     t, peak = measure(run, min_time=0.5, max_reps=reps)
     if peak is None:
         peak = peak_rss_mb() - base_rss
     return {"time_ms": t * 1e3, "peak_mb": peak}
+
+
+def dist_times_interleaved(impls: list[str], N: int, B: int = 8192, ragged: bool = False, rounds: int = 25) -> dict:
+    """CPU timing of the O(N) implementations side by side: one process, the calls interleaved round by
+    round (A B A B ...), so the allocator's state and page faults, which move a single case's time by 2-5x
+    between fresh processes on this machine, weigh on every implementation alike. Median ms per impl."""
+    runs = {impl: _dist_runner(impl, N, B, ragged) for impl in impls}
+    for run in runs.values():
+        run()  # warm-up
+    times = {impl: [] for impl in impls}
+    for _ in range(rounds):
+        for impl, run in runs.items():
+            tic = time.perf_counter()
+            run()
+            times[impl].append(time.perf_counter() - tic)
+    return {impl: statistics.median(t) * 1e3 for impl, t in times.items()}
 
 
 def dist_table(Ns, mem_cap_gb, ragged=False):
@@ -209,6 +230,17 @@ def dist_table(Ns, mem_cap_gb, ragged=False):
                 r = json.loads(out.stdout.strip().splitlines()[-1])
             results[impl, N] = r
             print(impl, N, r, flush=True)
+    if not CUDA:  # times side by side in one process per N (peak memory stays per fresh process)
+        for N in Ns:
+            out = subprocess.run([sys.executable, __file__, "--_dist_times", str(N), str(int(ragged))],
+                                 capture_output=True, text=True, cwd=ROOT)
+            if out.returncode != 0:
+                print(out.stderr[-2000:], file=sys.stderr)
+                continue
+            for impl, ms in json.loads(out.stdout.strip().splitlines()[-1]).items():
+                if isinstance(results.get((impl, N)), dict):
+                    results[impl, N]["time_ms"] = ms
+            print("interleaved", N, out.stdout.strip().splitlines()[-1], flush=True)
     head = "| # of pts `N` | " + " | ".join(str(n) for n in Ns) + " |"
     sep = "|---|" + "---|" * len(Ns)
     mem = [head, sep]
@@ -224,8 +256,10 @@ def dist_table(Ns, mem_cap_gb, ragged=False):
         mem.append(f"| {impl} | " + " | ".join(c if isinstance(c, str) else f"{c['peak_mb']:.0f}" for c in cells) + " |")
         tim.append(f"| {impl} | " + " | ".join(c if isinstance(c, str) else f"{c['time_ms']:.1f}" for c in cells) + " |")
     where = "peak GPU memory above the inputs" if CUDA else "peak RSS above the inputs, fresh process per case"
+    how = "median" if CUDA else ("median; the O(N) rows timed side by side in one process per N, calls "
+                                 "interleaved (25 rounds), the O(N^2) row in its own process")
     return [f"Peak memory (MB, {where}), B = 8192 rays, forward + backward:", "", *mem, "",
-            "Time per forward + backward (ms, median):", "", *tim]
+            f"Time per forward + backward (ms, {how}):", "", *tim]
 
 
 # ------------------------------------------------------------------ seed 000: end-to-end DVGO table
@@ -267,7 +301,12 @@ def main() -> None:
     parser.add_argument("--mem-cap-gb", type=float, default=12.0, help="skip O(N^2) cases needing more")
     parser.add_argument("--out", default=None)
     parser.add_argument("--_dist_case", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--_dist_times", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args._dist_times:
+        impls = [i for i in DIST_IMPLS if i.startswith(("eff", "ours, torch"))]
+        print(json.dumps(dist_times_interleaved(impls, int(args._dist_times[0]), ragged=args._dist_times[1] == "1")))
+        return
     if args._dist_case:
         print(json.dumps(dist_case(args._dist_case[0], int(args._dist_case[1]), ragged=args._dist_case[2] == "1")))
         return

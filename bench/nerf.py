@@ -73,7 +73,7 @@ def lego_15min(lego: str) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lego", default=str(ROOT.parent / "shared" / "data" / "nerf_synthetic" / "lego"))
+    p.add_argument("--lego", default=str(ROOT / "data" / "nerf_synthetic" / "lego"))
     p.add_argument("--skip-lego", action="store_true")
     p.add_argument("--full-render", nargs="?", const="all", default=None, choices=["all", "blender", "llff"],
                    help="render whole images on a CPU too (all, or one of the two views)")

@@ -8,7 +8,7 @@ Writes bench/results/neus_<cpu|gpu>.md.
 
 Training it/s: 512 rays from one image, 64 + 64 samples in 4 up-sampling steps, SDF 8x256 with its gradient,
 colour 4x256 (NeuS's wmask configuration), median over timed steps after a warm-up. Render: an 800x600
-view (DTU scan24 at half resolution, as in ../shared/data), chunks of 512 rays as NeuS renders. On a GPU
+view (DTU scan24 at half resolution), chunks of 512 rays as NeuS renders. On a GPU
 whole images are rendered; on a CPU a band of whole rows is rendered and the table reports ms per ray.
 """
 from __future__ import annotations

@@ -51,7 +51,7 @@ def fmt(s: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=800, help="training steps (model.iters)")
-    p.add_argument("--test-dir", default=str(ROOT.parent / "shared" / "data" / "pu_gan" / "test"))
+    p.add_argument("--test-dir", default=str(ROOT / "data" / "PU-GAN" / "test"))
     p.add_argument("--run-dir", default=None, help="an existing run to score (skips training)")
     p.add_argument("--out", default=None, help="result file (default bench/results/pu_inn_<cpu|gpu>.md)")
     a = p.parse_args()

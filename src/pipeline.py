@@ -62,7 +62,7 @@ def run(cfg: DictConfig) -> dict:
     reset_peak_memory()  # memory/peak_mb is this run's (a multirun trains several in one process)
     if cfg.get("kernels") is not None:
         kernels.set_backend(cfg.kernels.backend, **(cfg.kernels.get("ops") or {}))
-    torch.set_float32_matmul_precision("high")
+    torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
 
     tic = time.perf_counter()
     datamodule = instantiate(cfg.data)

@@ -1,6 +1,7 @@
 """Loader conventions (generated scenes with exact ground truth, and the real lego when present), bad files."""
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -126,3 +127,36 @@ def test_images_of_different_sizes_are_rejected(scene_root, tmp_path):
     Image.new("RGBA", (10, 10)).save(broken / "val" / "r_1.png")
     with pytest.raises(DataError, match="differ in size"):
         load_split(broken, "val")
+
+
+def test_missing_dataset_names_it_the_path_and_both_fixes(make_cfg):
+    from hydra.utils import instantiate
+
+    from src.data.blender import DataError
+
+    cfg = make_cfg("model=dvgo", "data=lego")  # the test's data dir holds no lego
+    with pytest.raises(DataError, match=r"Blender-layout scene .* not found at /\S+/nerf_synthetic/lego: put it there, "
+                                        r"or point data\.root=.*NEURAL3D_DATA"):
+        instantiate(cfg.data).prepare_data()
+    cfg = make_cfg("model=nerf", "data=fern")
+    with pytest.raises(DataError, match=r"LLFF scene .* not found at /\S+/nerf_llff_data/fern"):
+        instantiate(cfg.data).prepare_data()
+
+
+def test_datasets_live_under_one_data_dir_in_upstream_layouts(monkeypatch):
+    from hydra import compose, initialize_config_dir
+
+    from tests.conftest import CONF_DIR
+
+    def roots():
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            return {d: compose("train", overrides=[f"data={d}"]).data.root for d in ("lego", "fern", "dtu_scan24")}
+
+    repo = Path(CONF_DIR).parent
+    assert roots() == {"lego": f"{repo}/data/nerf_synthetic/lego", "fern": f"{repo}/data/nerf_llff_data/fern",
+                       "dtu_scan24": f"{repo}/data/dtu_scan24"}
+    monkeypatch.setenv("NEURAL3D_DATA", "/datasets")
+    assert roots()["lego"] == "/datasets/nerf_synthetic/lego"
+    # nothing the product ships points at this project's own machines' folder
+    for path in [*Path(CONF_DIR).rglob("*.yaml"), *(repo / "src").rglob("*.py"), repo / "train.py"]:
+        assert "../shared" not in path.read_text() and "shared_data" not in path.read_text(), path

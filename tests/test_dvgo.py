@@ -165,3 +165,9 @@ def test_early_ray_termination_changes_the_image_below_1e3_and_cuts_colour_queri
 def test_published_dvgo_render_and_tv_settings():
     cfg = OmegaConf.load(Path(__file__).parents[1] / "conf" / "model" / "dvgo.yaml")
     assert cfg.stop_transmittance == 1e-3  # DVGO's CUDA alpha2weight stops at T < 1e-3
+
+
+def test_float32_matmuls_run_in_full_precision_as_the_references(smoke_run, make_cfg):
+    """TF32 is opt-in (float32_matmul_precision=high), not silently on for every run."""
+    assert make_cfg().float32_matmul_precision == "highest"
+    assert torch.get_float32_matmul_precision() == "highest"  # what the smoke run's pipeline set

@@ -24,6 +24,12 @@ class DataError(ValueError):
     """A dataset file is missing or malformed; the message names the file."""
 
 
+def missing_root(root: Path, what: str) -> DataError:
+    """The error for a dataset that is not where the config looks: which one, the exact path, both fixes."""
+    return DataError(f"{what} not found at {Path(root).resolve()}: put it there, or point data.root=/path/to/it "
+                     "(datasets live under paths.data_dir: <repo>/data by default, or $NEURAL3D_DATA)")
+
+
 @dataclass
 class Views:
     """Posed images of one split: rgb (N, H, W, 3) float32 in [0, 1], c2w (N, 4, 4), K shared (3, 3) or per

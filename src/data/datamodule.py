@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from src.data.blender import DataError, Views, load_split
+from src.data.blender import DataError, Views, load_split, missing_root
 from src.data.rays import RayBank
 from src.render.rays import get_rays
 
@@ -81,7 +81,8 @@ class BlenderDataModule(L.LightningDataModule):
     def background(self) -> float:
         return 1.0 if self.white_bkgd else 0.0
 
-    layout = "blender"  # the on-disk layout: names the writer of the generated scene and the error hint
+    layout = "blender"  # the on-disk layout: names the writer of the generated scene
+    what = "Blender-layout scene (transforms_{train,val,test}.json + images)"  # for the missing-data error
 
     def prepare_data(self) -> None:
         if self.generate is not None:
@@ -89,7 +90,7 @@ class BlenderDataModule(L.LightningDataModule):
 
             getattr(generate, f"write_{self.layout}")(self.root, **self.generate)
         elif not self.root.is_dir():
-            raise DataError(f"data root not found: {self.root} (set data.root=/path/to/{self.layout}/scene)")
+            raise missing_root(self.root, self.what)
 
     def _load(self, split: str) -> Views:
         if split not in self.splits:
@@ -158,6 +159,7 @@ class LLFFDataModule(BlenderDataModule):
         self.scene: dict | None = None
 
     layout = "llff"
+    what = "LLFF scene (poses_bounds.npy + images_<factor>/)"
 
     def ray_fn(self, rays_o: torch.Tensor, rays_d: torch.Tensor):
         if not self.ndc:
@@ -227,6 +229,7 @@ class NeuSDataModule(BlenderDataModule):
         self.scale_mat: torch.Tensor | None = None
 
     layout = "neus"
+    what = "NeuS-layout scene (cameras_sphere.npz, image/, mask/)"
 
     def _load(self, split: str) -> Views:
         if not self.splits:

@@ -19,7 +19,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
-from src.data.blender import DataError
+from src.data.blender import DataError, missing_root
 from src.geometry.rotation import random_rotation
 
 INTRINSIC_KEYS = ("fx", "fy", "cx", "cy")
@@ -151,7 +151,7 @@ class DepthDataModule(L.LightningDataModule):
         if self.generate is not None:
             write_depth_scenes(self.root, **self.generate)
         elif not self.root.is_dir():
-            raise DataError(f"data root not found: {self.root} (set data.root=/path/to/depth_maps)")
+            raise missing_root(self.root, "depth maps ({train,val,test}/*.png | *.npy)")
 
     def setup(self, stage: str | None = None) -> None:
         self.prepare_data()

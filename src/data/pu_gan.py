@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from src.data.blender import DataError
+from src.data.blender import DataError, missing_root
 from src.geometry.mesh import icosphere, sample_surface
 from src.geometry.pu_metrics import farthest_point_sample, normalize_unit_sphere
 from src.geometry.rotation import random_rotation
@@ -214,7 +214,7 @@ class PUGANDataModule(L.LightningDataModule):
         if self.generate is not None:
             write_pu_dataset(self.root, **self.generate)
         elif not self.root.is_dir():
-            raise DataError(f"data root not found: {self.root} (set data.root=/path/to/pu_gan)")
+            raise missing_root(self.root, "PU-GAN data (train/*.h5, test/*.xyz + *.off)")
 
     def setup(self, stage: str | None = None) -> None:
         self.prepare_data()

@@ -162,6 +162,20 @@ def _flat(x: torch.Tensor, lin: torch.Tensor | None) -> torch.Tensor:
     return x.reshape(-1) if lin is None else x.reshape(-1).index_select(0, lin)
 
 
+def _layout_of_rays(ray_id: torch.Tensor, n_rays: int, M: int) -> tuple[int, torch.Tensor | None]:
+    """The longest ray's sample count, and each sample's index in the (n_rays, width) layout - None when
+    every ray has ``width`` samples (then the flat samples already are that layout)."""
+    k = M // n_rays if n_rays else 0
+    if k and M == n_rays * k:  # sorted ids: ray j owns [j k, (j + 1) k) iff both ends of each block read j
+        ids = torch.arange(n_rays, device=ray_id.device, dtype=ray_id.dtype)
+        if torch.equal(ray_id[::k], ids) and torch.equal(ray_id[k - 1::k], ids):
+            return k, None
+    counts = torch.bincount(ray_id, minlength=n_rays)  # the reference path: a host read is needed anyway
+    width = max(int(counts.max()), 1) if M else 1
+    starts = torch.cumsum(counts, 0) - counts
+    return width, ray_id * width + torch.arange(M, device=ray_id.device) - starts.index_select(0, ray_id)
+
+
 class _DistortionLoss(torch.autograd.Function):
     """The O(N) distortion loss on the rays' (n_rays, longest ray) layout, zero-padded (padding adds nothing),
     with forward and backward written out: prefix sums within each ray (``cumsum`` along the row), and
@@ -169,12 +183,8 @@ class _DistortionLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, w, s, interval, ray_id, n_rays):
-        starts, counts = ray_starts_counts(ray_id, n_rays)
         M = w.numel()
-        width = max(int(counts.max()), 1) if n_rays and M else 1
-        lin = None  # every ray has `width` samples: the flat samples already are the layout
-        if M != n_rays * width:
-            lin = ray_id * width + torch.arange(M, device=w.device) - starts.index_select(0, ray_id)
+        width, lin = _layout_of_rays(ray_id, n_rays, M)
         w2, s2 = _padded(w, lin, n_rays, width), _padded(s, lin, n_rays, width)  # (n_rays, width)
         ws2 = w2 * s2
         A = torch.cumsum(w2, 1).sub_(w2)  # exclusive prefix sums within each ray
