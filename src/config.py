@@ -27,3 +27,11 @@ def _multirun_group() -> str | None:
 
 if not OmegaConf.has_resolver("multirun_group"):
     OmegaConf.register_new_resolver("multirun_group", _multirun_group)
+
+
+def check_positive(group: str, **values) -> None:
+    """Stop with the config key's name when a count or size that must be positive is not
+    (``check_positive("model", n_rand=0)`` -> ``model.n_rand must be > 0, got 0``)."""
+    for key, value in values.items():
+        if value is None or not value > 0:
+            raise ValueError(f"{group}.{key} must be > 0, got {value!r}")

@@ -54,6 +54,21 @@ def _finish_loggers(trainer: L.Trainer) -> None:
             log.info("W&B run saved offline in %s; upload it with: wandb sync %s", run_dir, run_dir)
 
 
+def check_checkpoint(path: str | None) -> None:
+    """Stop before training when ``ckpt_path`` is not a readable Lightning checkpoint, naming the file
+    (Lightning's own error for a corrupt file ends in a pickle message that does not)."""
+    if path is None:
+        return
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"ckpt_path={path}: no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unreadable file: say which one
+        raise ValueError(f"ckpt_path={path}: not a readable checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise ValueError(f"ckpt_path={path}: not a Lightning checkpoint (no state_dict)")
+
+
 def run(cfg: DictConfig) -> dict:
     """Train ``cfg.model`` on ``cfg.data`` and test it; returns the flat metrics written to metrics.json."""
     out_dir = Path(cfg.paths.output_dir)
@@ -64,6 +79,7 @@ def run(cfg: DictConfig) -> dict:
         kernels.set_backend(cfg.kernels.backend, **(cfg.kernels.get("ops") or {}))
     torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
 
+    check_checkpoint(cfg.ckpt_path)
     tic = time.perf_counter()
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()  # fails here, naming the path, before anything is written

@@ -1,5 +1,6 @@
 """DVGO end to end on a small generated scene: it learns, it resumes exactly, it stops cleanly."""
 import json
+import re
 from pathlib import Path
 
 import lightning as L
@@ -171,3 +172,28 @@ def test_float32_matmuls_run_in_full_precision_as_the_references(smoke_run, make
     """TF32 is opt-in (float32_matmul_precision=high), not silently on for every run."""
     assert make_cfg().float32_matmul_precision == "highest"
     assert torch.get_float32_matmul_precision() == "highest"  # what the smoke run's pipeline set
+
+
+@pytest.mark.parametrize("override, key", [("model.n_rand=0", "model.n_rand"), ("model.n_rand=-5", "model.n_rand"),
+                                           ("model.fine.iters=0", "model.fine.iters"),
+                                           ("model.coarse.num_voxels=0", "model.coarse.num_voxels")])
+def test_bad_counts_are_named_by_their_key(make_cfg, override, key):
+    with pytest.raises(Exception, match=rf"{re.escape(key)} must be > 0, got"):  # Hydra wraps it, message kept
+        instantiate(make_cfg(*SMOKE, override).model)
+
+
+@pytest.mark.parametrize("method", ["nerf_smoke", "neus_smoke", "pu_inn_smoke", "proto_depth_smoke"])
+def test_every_method_names_a_bad_count(make_cfg, method):
+    key = {"nerf_smoke": "n_rand", "neus_smoke": "batch_size", "pu_inn_smoke": "iters", "proto_depth_smoke": "iters"}[method]
+    with pytest.raises(Exception, match=rf"model\.{key} must be > 0, got 0"):
+        instantiate(make_cfg(f"experiment={method}", f"model.{key}=0").model)
+
+
+def test_corrupt_checkpoint_is_named_and_nothing_is_written(make_cfg, tmp_path):
+    bad = tmp_path / "last.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=rf"ckpt_path={bad}: not a readable checkpoint"):
+        run(make_cfg(*SMOKE, f"ckpt_path={bad}", out=tmp_path / "run"))
+    assert bad.read_bytes() == b"not a checkpoint" and not (tmp_path / "run" / "checkpoints").exists()
+    with pytest.raises(FileNotFoundError, match="ckpt_path=.*missing.ckpt: no such checkpoint file"):
+        run(make_cfg(*SMOKE, f"ckpt_path={tmp_path / 'missing.ckpt'}", out=tmp_path / "run2"))

@@ -15,19 +15,10 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from src.data.errors import DataError
 from src.render.rays import intrinsics_from_fov
 
 log = logging.getLogger(__name__)
-
-
-class DataError(ValueError):
-    """A dataset file is missing or malformed; the message names the file."""
-
-
-def missing_root(root: Path, what: str) -> DataError:
-    """The error for a dataset that is not where the config looks: which one, the exact path, both fixes."""
-    return DataError(f"{what} not found at {Path(root).resolve()}: put it there, or point data.root=/path/to/it "
-                     "(datasets live under paths.data_dir: <repo>/data by default, or $NEURAL3D_DATA)")
 
 
 @dataclass

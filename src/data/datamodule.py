@@ -9,7 +9,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from src.data.blender import DataError, Views, load_split, missing_root
+from src.data.blender import Views, load_split
+from src.data.errors import DataError, missing_root
 from src.data.rays import RayBank
 from src.render.rays import get_rays
 

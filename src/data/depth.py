@@ -19,7 +19,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
-from src.data.blender import DataError, missing_root
+from src.data.errors import DataError, missing_root
 from src.geometry.rotation import random_rotation
 
 INTRINSIC_KEYS = ("fx", "fy", "cx", "cy")

@@ -82,7 +82,7 @@ def _write_once(root: Path, params: dict, fill: Callable[[Path], None]) -> Path:
     if done():
         return root
     if root.exists() and not stamp.exists() and any(root.iterdir()):
-        from src.data.blender import DataError
+        from src.data.errors import DataError
 
         raise DataError(f"refusing to generate a scene into {root}: it holds files that were not generated here "
                         "(no scene.json). Is data.generate set on a real dataset? Set data.generate=null")

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from src.data.blender import DataError, Views, read_rgba
+from src.data.blender import Views, read_rgba
+from src.data.errors import DataError
 from src.render.rays import intrinsics_from_focal
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".PNG", ".JPG", ".JPEG")

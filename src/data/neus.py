@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from src.data.blender import DataError, Views, read_rgba
+from src.data.blender import Views, read_rgba
+from src.data.errors import DataError
 
 GL_FROM_CV = np.diag([1.0, -1.0, -1.0, 1.0])
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from src.data.blender import DataError, missing_root
+from src.data.errors import DataError, missing_root
 from src.geometry.mesh import icosphere, sample_surface
 from src.geometry.pu_metrics import farthest_point_sample, normalize_unit_sphere
 from src.geometry.rotation import random_rotation

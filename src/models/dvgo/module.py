@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from src import kernels
+from src.config import check_positive
 from src.data.rays import RayBank, RaySampler
 from src.kernels.grid_adam import GridAdam
 from src.models.base import RenderMixin
@@ -72,6 +73,9 @@ class DVGOModule(RenderMixin, L.LightningModule):
                  tv_dense_before: int = 0, mesh_resolution: int = 0, mesh_threshold: float = 0.1,
                  stop_transmittance: float = 1e-3) -> None:
         super().__init__()
+        check_positive("model", n_rand=n_rand, stepsize=stepsize, chunk=chunk, **{
+            f"{name}.{key}": stage[key] for name, stage in (("coarse", coarse), ("fine", fine))
+            for key in ("iters", "num_voxels", "num_voxels_base")})
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.coarse_cfg, self.fine_cfg = StageConfig(**coarse), StageConfig(**fine)

@@ -9,6 +9,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from src.config import check_positive
 from src.data.rays import RayBank, RaySampler
 from src.models.base import RenderMixin
 from src.models.nerf.network import NeRFMLP
@@ -40,6 +41,7 @@ class NeRFModule(RenderMixin, L.LightningModule):
                  seed: int = 0, render_path_frames: int = 0, mesh_resolution: int = 0, mesh_threshold: float = 5.0,
                  mesh_bound: float = 1.5) -> None:
         super().__init__()
+        check_positive("model", n_rand=n_rand, n_samples=n_samples, iters=iters, chunk=chunk, netchunk=netchunk)
         self.save_hyperparameters()
         mlp = dict(pe_xyz=pe_xyz, pe_dir=pe_dir, use_viewdirs=use_viewdirs)
         self.coarse = NeRFMLP(netdepth, netwidth, **mlp)

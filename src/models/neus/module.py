@@ -12,6 +12,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from src.config import check_positive
 from src.models.base import RenderMixin
 from src.models.neus.network import BackgroundNeRF, RenderingNetwork, SDFNetwork, SingleVariance
 from src.render.compositing import dense_weights
@@ -82,6 +83,7 @@ class NeuSModule(RenderMixin, L.LightningModule):
                  variance_init: float = 0.3, nerf: dict | None = None, background: float = 0.0, chunk: int = 512,
                  mesh_resolution: int = 512, mesh_threshold: float = 0.0, seed: int = 0) -> None:
         super().__init__()
+        check_positive("model", batch_size=batch_size, n_samples=n_samples, end_iter=end_iter, chunk=chunk)
         self.save_hyperparameters()
         self.sdf_net = SDFNetwork(**(sdf or {}))
         self.color_net = RenderingNetwork(**(rendering or {}))

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from src.config import check_positive
 from src.data.depth import project_points
 from src.geometry.knn import chamfer
 from src.geometry.mesh import sample_points
@@ -34,6 +35,7 @@ class ProtoDepthModule(L.LightningModule):
                  w_normal: float = 0.01, w_laplacian: float = 0.1, lr: float = 1e-3, iters: int = 20000,
                  looped_transform: bool = False, dense_chamfer: bool = False, eval_samples_per_slot: int = 200) -> None:
         super().__init__()
+        check_positive("model", iters=iters, samples_per_slot=samples_per_slot, k_nearest=k_nearest)
         self.save_hyperparameters()
         self.net = ProtoDepthNet(**(net or {}))
         self.coverage: list[torch.Tensor] = []

@@ -12,6 +12,7 @@ import lightning as L
 import numpy as np
 import torch
 
+from src.config import check_positive
 from src.geometry.knn import chamfer
 from src.geometry.pu_metrics import (cd_hd, emd_exact, even_surface_sample, farthest_point_sample,
                                      normalize_unit_sphere, point_triangle_distance)
@@ -65,6 +66,7 @@ class PUINNModule(L.LightningModule):
                  w_nll: float = 0.01, iters: int = 100000, patch_size: int = 256, gt_points: int | None = None,
                  gt_oversample: int = 8) -> None:
         super().__init__()
+        check_positive("model", iters=iters, patch_size=patch_size)
         self.save_hyperparameters()
         self.net = PUINN(**(net or {}))
         self.test_scores: list[dict] = []
