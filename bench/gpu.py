@@ -102,6 +102,22 @@ def parity_section(tiny: bool) -> list[str]:
     return rows
 
 
+def op_call(op: str, args: tuple):
+    """One call of ``op`` on ``args`` as training makes it: forward, and backward through its floating
+    tensor inputs where the op has one (in-place ops update the same tensors call after call)."""
+    fn = getattr(kernels, op)
+    if op not in parity.DIFFERENTIABLE:
+        return lambda: fn(*args)
+    leaves = tuple(a.detach().clone().requires_grad_(True) if torch.is_tensor(a) and a.is_floating_point() else a
+                   for a in args)
+
+    def call():
+        out = fn(*leaves)
+        sum(t.sum() for t in parity.tensors(out) if t.requires_grad).backward()
+
+    return call
+
+
 def ops_section(tiny: bool) -> list[str]:
     rows = ["| op | size | torch ms | triton ms | speed-up |", "|---|---|---|---|---|"]
     reps = 2 if tiny else 20
@@ -109,7 +125,7 @@ def ops_section(tiny: bool) -> list[str]:
         res = {}
         for backend in ("torch", "triton"):
             with kernels.use_backend(backend):
-                res[backend] = timed(lambda: parity.run(getattr(kernels, op), op, args), reps)
+                res[backend] = timed(op_call(op, args), reps)
         rows.append(f"| {op} | {size} | {res['torch'] * 1e3:.2f} | {res['triton'] * 1e3:.2f} | "
                     f"{res['torch'] / res['triton']:.2f}x |")
         print(rows[-1], flush=True)
