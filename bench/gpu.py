@@ -30,22 +30,16 @@ if "--tiny" in sys.argv:  # Triton's interpreter must be chosen before triton is
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
-from _common import ROOT, device_name, emit, steps_per_second  # noqa: E402  (bench/_common.py)
+from _common import CUDA, ROOT, device_name, emit, steps_per_second, sync  # noqa: E402  (bench/_common.py)
 
 import kernels as kernels_bench  # noqa: E402  (bench/kernels.py)
 from src import kernels  # noqa: E402
 from src.kernels import parity  # noqa: E402
 
-CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
 SECTIONS = ("parity", "ops", "dvgo", "dist", "render", "memory")
 # (it/s, s/img) quoted by seed 004 on its GPU
 SEED_004 = {"NeRF": (4.0, 21.0), "NeuS": (5.0, 60.0)}
-
-
-def sync() -> None:
-    if CUDA:
-        torch.cuda.synchronize()
 
 
 def timed(fn, reps: int) -> float:

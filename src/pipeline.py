@@ -5,6 +5,7 @@ import json
 import logging
 import math
 import time
+import zipfile
 from pathlib import Path
 
 import lightning as L
@@ -62,7 +63,9 @@ def check_checkpoint(path: str | None) -> None:
     if not Path(path).is_file():
         raise FileNotFoundError(f"ckpt_path={path}: no such checkpoint file")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        if not zipfile.is_zipfile(path):  # torch.save's format (Lightning's too)
+            raise ValueError("not a torch.save archive")
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # mapped: tensors not read here
     except Exception as e:  # noqa: BLE001 - any unreadable file: say which one
         raise ValueError(f"ckpt_path={path}: not a readable checkpoint ({type(e).__name__}: {e})") from e
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:

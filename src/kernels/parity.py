@@ -19,7 +19,6 @@ import torch
 DIFFERENTIABLE = {"raw2alpha", "alpha_to_weights", "segment_sum", "distortion_loss"}
 IN_PLACE = {"total_variation_add_grad": (1,), "grid_adam_step": (0, 2, 3)}  # op -> indices of changed args
 BOUNDARY_OPS = {"ray_aabb", "sample_pts_on_rays", "alpha_to_weights"}
-SAMPLE_KEYS = ("pts", "ray_id", "step_id", "t")
 
 
 def tolerance(dtype: torch.dtype) -> tuple[float, float]:
@@ -41,7 +40,7 @@ def tensors(x) -> list[torch.Tensor]:
     return []
 
 
-def run(fn, op: str, args: tuple, grad: bool = True) -> dict:
+def run(fn, op: str, args: tuple) -> dict:
     """``fn(*args)`` on fresh copies: outputs (as returned, detached), changed state, input gradients.
 
     For a differentiable op every floating tensor input is made a leaf that requires grad, and the
@@ -49,27 +48,19 @@ def run(fn, op: str, args: tuple, grad: bool = True) -> dict:
     Works inside ``inference_mode`` too (switched off here: the copies are ordinary tensors).
     """
     with torch.inference_mode(False):
-        return _run(fn, op, fresh(args), grad)
-
-
-def _run(fn, op: str, call_args: tuple, grad: bool) -> dict:
-    leaves = []
-    if grad and op in DIFFERENTIABLE:
-        for a in call_args:
-            if torch.is_tensor(a) and a.is_floating_point() and a.numel():
-                a.requires_grad_(True)
-                leaves.append(a)
-    with torch.set_grad_enabled(bool(leaves)):
-        out = fn(*call_args)
-    grads = []
-    outs = [t for t in tensors(out) if t.requires_grad]
-    if leaves and outs:
-        gen = torch.Generator(device=outs[0].device).manual_seed(0)
-        loss = sum((o * torch.rand(o.shape, generator=gen, device=o.device, dtype=o.dtype)).sum() for o in outs)
-        grads = [g if g is not None else torch.zeros_like(x)
-                 for g, x in zip(torch.autograd.grad(loss, leaves, allow_unused=True), leaves)]
-    detached = {k: v.detach() for k, v in out.items()} if isinstance(out, dict) else \
-        [t.detach() for t in tensors(out)]
+        call_args = fresh(args)
+        leaves = [a.requires_grad_(True) for a in call_args if op in DIFFERENTIABLE and torch.is_tensor(a)
+                  and a.is_floating_point() and a.numel()]
+        with torch.set_grad_enabled(bool(leaves)):
+            out = fn(*call_args)
+        grads = []
+        outs = [t for t in tensors(out) if t.requires_grad]
+        if leaves and outs:
+            gen = torch.Generator(device=outs[0].device).manual_seed(0)
+            loss = sum((o * torch.rand(o.shape, generator=gen, device=o.device, dtype=o.dtype)).sum() for o in outs)
+            grads = [g if g is not None else torch.zeros_like(x)
+                     for g, x in zip(torch.autograd.grad(loss, leaves, allow_unused=True), leaves)]
+    detached = {k: v.detach() for k, v in out.items()} if isinstance(out, dict) else [t.detach() for t in tensors(out)]
     return {"out": detached, "state": [call_args[i].detach() for i in IN_PLACE.get(op, ())], "grads": grads}
 
 
@@ -104,7 +95,7 @@ def _elementwise(a: torch.Tensor, b: torch.Tensor) -> tuple[int, float]:
 
 def _sample_lists(fast: dict, ref: dict) -> tuple[list, list, int]:
     """Match samples by (ray, step): the matched points of both, and how many samples only one side has."""
-    width = int(max(int(fast["n_steps"].max()), int(ref["n_steps"].max()), 1)) + 1 if ref["n_steps"].numel() else 1
+    width = max(int(fast["n_steps"].max()), int(ref["n_steps"].max()), 0) + 1 if ref["n_steps"].numel() else 1
     kf = fast["ray_id"] * width + fast["step_id"]
     kr = ref["ray_id"] * width + ref["step_id"]
     idx = torch.searchsorted(kf, kr).clamp(max=max(kf.numel() - 1, 0))
@@ -127,7 +118,7 @@ def compare(op: str, fast: dict, ref: dict) -> Verdict:
             same = f_hit == r_hit
             a, b, n_differ, n = [f_min[same], f_max[same]], [r_min[same], r_max[same]], int((~same).sum()), r_hit.numel()
         else:
-            a, b, n_differ, n = list(tensors(fast["out"])) + fast["state"], list(tensors(ref["out"])) + ref["state"], 0, 0
+            a, b, n_differ = tensors(fast["out"]) + fast["state"], tensors(ref["out"]) + ref["state"], 0
             n = max((t.numel() for t in b), default=0)
         if len(a) != len(b):
             return Verdict(False, reason=f"{len(a)} outputs vs {len(b)} from the reference")

@@ -23,16 +23,11 @@ def ray_layout(ray_id: torch.Tensor, n_rays: int) -> tuple[torch.Tensor, torch.T
     By binary search in the sorted ``ray_id``: no output size depends on the data, so on a GPU nothing
     waits for the device (``bincount`` would).
     """
-    starts, counts = ray_starts_counts(ray_id, n_rays)
+    ids = torch.arange(n_rays, device=ray_id.device, dtype=ray_id.dtype)
+    starts = torch.searchsorted(ray_id, ids)  # (n_rays,)
+    counts = torch.searchsorted(ray_id, ids, right=True) - starts  # (n_rays,)
     pos = torch.arange(ray_id.numel(), device=ray_id.device) - starts.index_select(0, ray_id)  # (M,)
     return pos, counts, starts
-
-
-def ray_starts_counts(ray_id: torch.Tensor, n_rays: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """First sample (n_rays,) and sample count (n_rays,) of each ray, from the sorted ``ray_id``."""
-    ids = torch.arange(n_rays, device=ray_id.device, dtype=ray_id.dtype)
-    starts = torch.searchsorted(ray_id, ids)
-    return starts, torch.searchsorted(ray_id, ids, right=True) - starts
 
 
 def alpha_to_weights(
@@ -86,6 +81,14 @@ def ray_aabb(
     return t_min, t_max, t_max > t_min
 
 
+def ray_steps(rays_d: torch.Tensor, t_min: torch.Tensor, t_max: torch.Tensor, hit: torch.Tensor, stepdist: float
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per ray: the step ``dt = stepdist / |d|`` in units of ``d``, and the step count
+    ``ceil((t_max - t_min) / dt)`` (0 for rays that miss); every backend counts samples with this."""
+    dt = stepdist * rays_d.norm(dim=-1).reciprocal()
+    return dt, torch.where(hit, torch.ceil((t_max - t_min) / dt), torch.zeros_like(t_min)).long()
+
+
 def sample_pts_on_rays(
     rays_o: torch.Tensor, rays_d: torch.Tensor, xyz_min: torch.Tensor, xyz_max: torch.Tensor,
     near: float, far: float, stepdist: float,
@@ -97,12 +100,11 @@ def sample_pts_on_rays(
     ``n_steps`` (n_rays,) (samples before the box test, as DVGO's ``N_steps``).
     """
     t_min, t_max, hit = ray_aabb(rays_o, rays_d, xyz_min, xyz_max, near, far)
-    inv_norm = rays_d.norm(dim=-1).reciprocal()  # (n_rays,)
-    n_steps = torch.where(hit, torch.ceil((t_max - t_min) / (stepdist * inv_norm)), torch.zeros_like(t_min)).long()
+    dt, n_steps = ray_steps(rays_d, t_min, t_max, hit, stepdist)  # (n_rays,) each
     ray_id = torch.repeat_interleave(torch.arange(rays_o.shape[0], device=rays_o.device), n_steps)  # (M,)
     starts = torch.cumsum(n_steps, 0) - n_steps
     step_id = torch.arange(ray_id.numel(), device=rays_o.device) - starts[ray_id]  # (M,)
-    t = t_min[ray_id] + step_id * (stepdist * inv_norm[ray_id])  # (M,)
+    t = t_min[ray_id] + step_id * dt[ray_id]  # (M,)
     pts = rays_o[ray_id] + rays_d[ray_id] * t[:, None]  # (M, 3)
     inside = ((pts >= xyz_min) & (pts <= xyz_max)).all(-1)
     return {
@@ -162,18 +164,18 @@ def _flat(x: torch.Tensor, lin: torch.Tensor | None) -> torch.Tensor:
     return x.reshape(-1) if lin is None else x.reshape(-1).index_select(0, lin)
 
 
-def _layout_of_rays(ray_id: torch.Tensor, n_rays: int, M: int) -> tuple[int, torch.Tensor | None]:
+def _layout_of_rays(ray_id: torch.Tensor, n_rays: int) -> tuple[int, torch.Tensor | None]:
     """The longest ray's sample count, and each sample's index in the (n_rays, width) layout - None when
     every ray has ``width`` samples (then the flat samples already are that layout)."""
+    M = ray_id.numel()
     k = M // n_rays if n_rays else 0
     if k and M == n_rays * k:  # sorted ids: ray j owns [j k, (j + 1) k) iff both ends of each block read j
         ids = torch.arange(n_rays, device=ray_id.device, dtype=ray_id.dtype)
         if torch.equal(ray_id[::k], ids) and torch.equal(ray_id[k - 1::k], ids):
             return k, None
-    counts = torch.bincount(ray_id, minlength=n_rays)  # the reference path: a host read is needed anyway
+    pos, counts, _ = ray_layout(ray_id, n_rays)
     width = max(int(counts.max()), 1) if M else 1
-    starts = torch.cumsum(counts, 0) - counts
-    return width, ray_id * width + torch.arange(M, device=ray_id.device) - starts.index_select(0, ray_id)
+    return width, ray_id * width + pos
 
 
 class _DistortionLoss(torch.autograd.Function):
@@ -183,16 +185,16 @@ class _DistortionLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, w, s, interval, ray_id, n_rays):
-        M = w.numel()
-        width, lin = _layout_of_rays(ray_id, n_rays, M)
+        width, lin = _layout_of_rays(ray_id, n_rays)
         w2, s2 = _padded(w, lin, n_rays, width), _padded(s, lin, n_rays, width)  # (n_rays, width)
         ws2 = w2 * s2
         A = torch.cumsum(w2, 1).sub_(w2)  # exclusive prefix sums within each ray
         B = torch.cumsum(ws2, 1).sub_(ws2)
         pair = torch.addcmul(-B, s2, A).mul_(w2).sum()  # sum_k w_k (s_k A_k - B_k)
-        one_iv = not torch.is_tensor(interval) or interval.numel() == 1
-        uni = (torch.dot(w, w) * (interval.reshape(()) if torch.is_tensor(interval) else interval) if one_iv
-               else (interval * w * w).sum()) / 3
+        if torch.is_tensor(interval) and interval.numel() > 1:  # one interval per sample
+            uni = (interval * w * w).sum() / 3
+        else:
+            uni = torch.dot(w, w) * (interval.reshape(()) if torch.is_tensor(interval) else interval) / 3
         ctx.save_for_backward(w, w2, s2, A, B, lin, interval if torch.is_tensor(interval) else None)
         ctx.interval, ctx.n_rays = (None if torch.is_tensor(interval) else interval), n_rays
         return (2 * pair + uni) / max(n_rays, 1)

@@ -25,13 +25,14 @@ import torch
 import triton
 import triton.language as tl
 
-from src.kernels.reference import ray_layout
+from src.kernels.reference import ray_layout, ray_steps
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Block sizes change only how work is split over programs, never a result. The interpreter runs programs
 # one after another, so it gets few large ones.
-BLOCK = 65536 if _INTERPRET else 1024  # elements per program, elementwise kernels
-BLOCK_R = 4096 if _INTERPRET else 64  # rays per program, per-ray kernels
+GPU_BLOCK, GPU_BLOCK_R = 1024, 64
+BLOCK = 65536 if _INTERPRET else GPU_BLOCK  # elements per program, elementwise kernels
+BLOCK_R = 4096 if _INTERPRET else GPU_BLOCK_R  # rays per program, per-ray kernels
 SEGSUM_BLOCK_C = (1, 2, 4, 8, 16)  # channels per program of segment_sum (wider values use more programs)
 DTYPES = {torch.float32: "fp32", torch.float64: "fp64"}
 
@@ -49,10 +50,9 @@ def _grid(n: int, block: int) -> tuple[int]:
     return (max(triton.cdiv(n, block), 1),)
 
 
-def _dtype_name(t: torch.Tensor) -> str:
+def _check_dtype(t: torch.Tensor) -> None:
     if t.dtype not in DTYPES:
         raise TypeError(f"triton kernels take float32 or float64 tensors, got {t.dtype} (use kernels=torch)")
-    return DTYPES[t.dtype]
 
 
 # ------------------------------------------------------------------------- precise helpers
@@ -143,7 +143,7 @@ class _Raw2Alpha(torch.autograd.Function):
     @staticmethod
     def forward(ctx, density, shift, interval):
         x = density.contiguous()
-        _dtype_name(x)
+        _check_dtype(x)
         out = torch.empty_like(x)
         _raw2alpha_fwd_kernel[_grid(x.numel(), BLOCK)](x, out, shift, interval, x.numel(), BLOCK=BLOCK,
                                                        **_options("_raw2alpha_fwd_kernel"))
@@ -207,7 +207,7 @@ class _AlphaToWeights(torch.autograd.Function):
     @staticmethod
     def forward(ctx, alpha, ray_id, n_rays, stop_T):
         alpha = alpha.contiguous()
-        _dtype_name(alpha)
+        _check_dtype(alpha)
         _, counts, starts = ray_layout(ray_id, n_rays)
         w, T = torch.empty_like(alpha), torch.empty_like(alpha)
         T_last = alpha.new_empty(n_rays)
@@ -254,7 +254,7 @@ class _SegmentSum(torch.autograd.Function):
     def forward(ctx, values, ray_id, n_rays):
         shape = values.shape
         v = values.reshape(shape[0], -1).contiguous()
-        _dtype_name(v)
+        _check_dtype(v)
         C = v.shape[1]
         _, counts, starts = ray_layout(ray_id, n_rays)
         out = v.new_zeros(n_rays, C)
@@ -309,7 +309,7 @@ def _box(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def ray_aabb(rays_o, rays_d, xyz_min, xyz_max, near, far):
     o, d = rays_o.contiguous(), rays_d.contiguous()
-    _dtype_name(o)
+    _check_dtype(o)
     n = o.shape[0]
     t_min, t_max = o.new_empty(n), o.new_empty(n)
     if n:
@@ -350,10 +350,7 @@ def _sample_kernel(o_ptr, d_ptr, lo_ptr, hi_ptr, tmin_ptr, dt_ptr, starts_ptr, n
 def sample_pts_on_rays(rays_o, rays_d, xyz_min, xyz_max, near, far, stepdist):
     o, d = rays_o.contiguous(), rays_d.contiguous()
     t_min, t_max, hit = ray_aabb(o, d, xyz_min, xyz_max, near, far)
-    # per-ray step count and spacing: the same torch expressions as the reference, so counts agree exactly
-    inv_norm = d.norm(dim=-1).reciprocal()
-    dt = stepdist * inv_norm
-    n_steps = torch.where(hit, torch.ceil((t_max - t_min) / dt), torch.zeros_like(t_min)).long()
+    dt, n_steps = ray_steps(d, t_min, t_max, hit, stepdist)  # the reference's own counts
     starts = torch.cumsum(n_steps, 0) - n_steps
     M, n_rays = int(n_steps.sum()), o.shape[0]  # the one host read: the output's size
     pts = o.new_empty(M, 3)
@@ -402,7 +399,7 @@ def _tv_kernel(p_ptr, g_ptr, wx: tl.float64, wy: tl.float64, wz: tl.float64, X, 
 def total_variation_add_grad(param, grad, wx, wy, wz, dense_mode):
     if not (param.is_contiguous() and grad.is_contiguous()):
         raise ValueError("total_variation_add_grad: param and grad must be contiguous")
-    _dtype_name(grad)
+    _check_dtype(grad)
     X, Y, Z = param.shape[-3:]
     n = param.numel()
     if n:  # DVGO's CUDA op divides the weights by 6 (see the reference)
@@ -470,12 +467,14 @@ class _Distortion(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w, m, interval, ray_id, n_rays):
         w, m = w.contiguous(), m.contiguous()
-        _dtype_name(w)
-        if torch.is_tensor(interval):
-            iv_mode = 2 if interval.numel() > 1 else 1
-            iv_tensor, iv_scalar = interval.to(w).expand_as(w).contiguous() if iv_mode == 2 else interval.to(w).reshape(1), 0.0
+        _check_dtype(w)
+        iv_mode, iv_tensor, iv_scalar = 0, w, 0.0  # IV 0: a Python scalar (w stands in for the unused pointer)
+        if not torch.is_tensor(interval):
+            iv_scalar = float(interval)
+        elif interval.numel() == 1:
+            iv_mode, iv_tensor = 1, interval.to(w).reshape(1)
         else:
-            iv_mode, iv_tensor, iv_scalar = 0, w, float(interval)  # w: an unused pointer
+            iv_mode, iv_tensor = 2, interval.to(w).expand_as(w).contiguous()
         _, counts, starts = ray_layout(ray_id, n_rays)
         loss, W, WM = w.new_zeros(n_rays), w.new_zeros(n_rays), w.new_zeros(n_rays)
         if n_rays:
@@ -531,7 +530,7 @@ def grid_adam_step(param, grad, exp_avg, exp_avg_sq, beta1, beta2, eps, step_siz
     for name, t in (("param", param), ("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
         if not t.is_contiguous():
             raise ValueError(f"grid_adam_step: {name} must be contiguous")
-    _dtype_name(param)
+    _check_dtype(param)
     lr = param if per_lr is None else per_lr.to(param).contiguous()
     if per_lr is not None and not _broadcasts_over_leading_dims(lr.shape, param.shape):
         lr = lr.expand_as(param).contiguous()  # any other broadcast: materialise it
@@ -563,7 +562,7 @@ class Variant(NamedTuple):
 
     @property
     def name(self) -> str:
-        return self.kernel.__name__ if hasattr(self.kernel, "__name__") else self.kernel.fn.__name__
+        return getattr(self.kernel, "__name__", None) or self.kernel.fn.__name__  # JIT or interpreted function
 
     def describe(self) -> str:
         return f"{self.name}[{' '.join(self.types)}; {self.constexprs}]"
@@ -575,10 +574,10 @@ def launch_variants() -> list[Variant]:
     out = []
 
     def add(kernel, types: str, **constexprs):
-        name = kernel.__name__ if hasattr(kernel, "__name__") else kernel.fn.__name__
-        out.append(Variant(kernel, tuple(types.split()), constexprs, _options(name)))
+        v = Variant(kernel, tuple(types.split()), constexprs, {})
+        out.append(v._replace(options=_options(v.name)))
 
-    b, br = 1024, 64  # the GPU values of BLOCK and BLOCK_R (this module may be imported under the interpreter)
+    b, br = GPU_BLOCK, GPU_BLOCK_R  # the GPU sizes, also when this module is imported under the interpreter
     for D in DTYPES.values():
         add(_raw2alpha_fwd_kernel, f"*{D} *{D} fp64 fp64 i32", BLOCK=b)
         add(_raw2alpha_bwd_kernel, f"*{D} *{D} *{D} fp64 fp64 i32", BLOCK=b)
