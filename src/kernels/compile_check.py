@@ -86,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps({"triton": triton.__version__, "rows": rows}))
     else:
-        print(f"triton {triton.__version__}: {sum(r['ok'] for r in rows)} of {len(rows)} variants compiled")
+        n_arch = len(args.arch.split(","))
+        print(f"triton {triton.__version__}: {sum(r['ok'] for r in rows)} of {len(rows)} compiles succeeded "
+              f"({len(rows) // n_arch} variants x {n_arch} targets)")
         for r in rows:
             print(f"{'ok  ' if r['ok'] else 'FAIL'} {r['arch']} {r['kernel']} ({r['seconds']} s) {r['error']}")
     return 0 if all(r["ok"] for r in rows) else 1
