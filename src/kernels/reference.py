@@ -44,18 +44,17 @@ def alpha_to_weights(
     """
     pos, counts, _ = ray_layout(ray_id, n_rays)
     width = int(counts.max()) if counts.numel() and alpha.numel() else 0
-
-    def transmittance(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        trans = torch.ones(n_rays, width + 1, dtype=a.dtype, device=a.device)  # (n_rays, max_n + 1)
-        trans = torch.cumprod(trans.index_put((ray_id, pos + 1), 1 - a), dim=1)  # column k + 1: after sample k
-        return trans[ray_id, pos], trans.gather(1, counts[:, None]).squeeze(1)  # T (M,), T_last (n_rays,)
-
-    if stop_T > 0:
-        with torch.no_grad():
-            alive = transmittance(alpha)[0] >= stop_T  # a prefix of each ray
-        alpha = torch.where(alive, alpha, torch.zeros_like(alpha))
-    T, T_last = transmittance(alpha)
-    return T * alpha, T, T_last
+    trans = torch.ones(n_rays, width + 1, dtype=alpha.dtype, device=alpha.device)  # (n_rays, max_n + 1)
+    trans = torch.cumprod(trans.index_put((ray_id, pos + 1), 1 - alpha), dim=1)  # column k + 1: after sample k
+    T = trans[ray_id, pos]  # (M,)
+    if stop_T <= 0:
+        return T * alpha, T, trans.gather(1, counts[:, None]).squeeze(1)
+    # the alive samples are a prefix of each ray, and their T involves only earlier alive samples; past it
+    # T stays at the light left after the last alive sample (column n_alive), which is also T_last
+    alive = T.detach() >= stop_T
+    n_alive = torch.zeros_like(counts).index_add_(0, ray_id, alive.long())  # (n_rays,)
+    T_last = trans.gather(1, n_alive[:, None]).squeeze(1)  # (n_rays,)
+    return torch.where(alive, T * alpha, torch.zeros_like(T)), torch.where(alive, T, T_last[ray_id]), T_last
 
 
 def segment_sum(values: torch.Tensor, ray_id: torch.Tensor, n_rays: int) -> torch.Tensor:
