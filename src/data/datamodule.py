@@ -41,9 +41,11 @@ class ImageViews(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         h, w = self.views.hw
         rays_o, rays_d = get_rays(h, w, self.views.intrinsics(i), self.views.c2w[i])
-        if self.ray_fn is not None:
+        item = {}
+        if self.ray_fn is not None:  # view directions from the world rays, before the warp (nerf-pytorch)
+            item["viewdirs"] = rays_d / rays_d.norm(dim=-1, keepdim=True)
             rays_o, rays_d = self.ray_fn(rays_o, rays_d)
-        item = {"rays_o": rays_o, "rays_d": rays_d, "rgb": self.views.rgb[i], "index": i}
+        item.update({"rays_o": rays_o, "rays_d": rays_d, "rgb": self.views.rgb[i], "index": i})
         if self.views.mask is not None:
             item["mask"] = self.views.mask[i]
         return item
@@ -121,7 +123,12 @@ class BlenderDataModule(L.LightningDataModule):
     def ray_fn(self, rays_o: torch.Tensor, rays_d: torch.Tensor):
         return rays_o, rays_d
 
-    render_poses = None  # no camera path for object scenes (yet)
+    def render_poses(self, n_frames: int) -> torch.Tensor:
+        """The camera path for videos: a full orbit of the first test camera about the scene's up axis through
+        the origin (the centre of Blender and generated scenes), ``n_frames`` c2w (4, 4)."""
+        from src.render.video import orbit_poses
+
+        return orbit_poses(self.splits["test"].c2w, n_frames)
 
     def gt_surface(self, seed: int = 1, n: int = 30000) -> torch.Tensor | None:
         """Points on the exact surface of the generated scene (world coordinates), for the mesh metrics;
@@ -189,10 +196,15 @@ class LLFFDataModule(BlenderDataModule):
     def gt_surface(self, seed: int = 1, n: int = 30000) -> None:
         return None  # the loader rescales and recentres the scene: no ground truth in its frame
 
-    @property
-    def render_poses(self) -> torch.Tensor | None:
-        """NeRF's spiral path around the average pose (120 c2w), for ``render_path.gif``."""
-        return None if self.scene is None else self.scene["spiral"]
+    def render_poses(self, n_frames: int) -> torch.Tensor:
+        """NeRF's spiral path around the average pose (``render_path_spiral``: 2 turns) in ``n_frames`` c2w."""
+        from src.data.llff import spiral_path
+
+        self._load("test")
+        spiral = spiral_path(self.scene["c2w"][:, :3, :4].double().numpy(), self.scene["bounds"].double().numpy(), n_frames)
+        out = torch.eye(4).repeat(n_frames, 1, 1)
+        out[:, :3, :4] = torch.as_tensor(spiral, dtype=torch.float32)
+        return out
 
     def setup(self, stage: str | None = None) -> None:
         self.prepare_data()
@@ -200,16 +212,17 @@ class LLFFDataModule(BlenderDataModule):
             train = self._load("train")
             bank = RayBank.from_views(train.rgb, train.c2w, train.K)
             o, d = self.ray_fn(bank.rays_o, bank.rays_d)
-            self.train_rays = RayBank(o, d, bank.rgb)
+            viewdirs = bank.rays_d / bank.rays_d.norm(dim=-1, keepdim=True) if self.ndc else None
+            self.train_rays = RayBank(o, d, bank.rgb, viewdirs)
         self._load("val")
         if stage in (None, "test"):
             self.test_split_used = "test"
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(ImageViews(self.splits["val"], self.ray_fn), batch_size=None)
+        return DataLoader(ImageViews(self.splits["val"], self.ray_fn if self.ndc else None), batch_size=None)
 
     def test_dataloader(self) -> DataLoader:
-        return DataLoader(ImageViews(self.splits["test"], self.ray_fn), batch_size=None)
+        return DataLoader(ImageViews(self.splits["test"], self.ray_fn if self.ndc else None), batch_size=None)
 
 
 class NeuSDataModule(BlenderDataModule):

@@ -10,20 +10,25 @@ from src.render.rays import get_rays
 
 @dataclass
 class RayBank:
-    """Flat rays: origins (N, 3), directions (N, 3) (camera z = -1, unnormalised), target rgb (N, 3)."""
+    """Flat rays: origins (N, 3), directions (N, 3) (camera z = -1, unnormalised), target rgb (N, 3), and for rays
+    warped to NDC (forward-facing scenes) the unit *world* view directions (N, 3) the colour head takes, as
+    nerf-pytorch computes them before the warp (None: the directions are those of ``rays_d``)."""
 
     rays_o: torch.Tensor
     rays_d: torch.Tensor
     rgb: torch.Tensor
+    viewdirs: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.rays_o.shape[0]
 
     def __getitem__(self, idx: torch.Tensor) -> "RayBank":
-        return RayBank(self.rays_o[idx], self.rays_d[idx], self.rgb[idx])
+        return RayBank(self.rays_o[idx], self.rays_d[idx], self.rgb[idx],
+                       None if self.viewdirs is None else self.viewdirs[idx])
 
     def to(self, device: torch.device | str) -> "RayBank":
-        return RayBank(self.rays_o.to(device), self.rays_d.to(device), self.rgb.to(device))
+        return RayBank(self.rays_o.to(device), self.rays_d.to(device), self.rgb.to(device),
+                       None if self.viewdirs is None else self.viewdirs.to(device))
 
     @staticmethod
     def from_views(rgb: torch.Tensor, c2w: torch.Tensor, K: torch.Tensor) -> "RayBank":

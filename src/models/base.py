@@ -1,6 +1,9 @@
-"""Evaluation shared by methods that render rays: full images in chunks, metrics, saved renders."""
+"""Evaluation shared by the methods: test scores over unique items (also under DDP) into ``test_scores.json``;
+for methods that render rays, full images in chunks, metrics, saved renders and the camera-path video."""
 from __future__ import annotations
 
+import json
+import logging
 import time
 from pathlib import Path
 
@@ -10,6 +13,36 @@ from PIL import Image
 
 from src.loggers import wandb_loggers
 from src.metrics import lpips_model, psnr, ssim
+
+log = logging.getLogger(__name__)
+
+
+def gather_unique(rows: dict) -> list[dict]:
+    """Per-item test rows ``{key: row}`` of every rank, each item once, in key order.
+
+    Under DDP, Lightning's DistributedSampler pads the test set so that every rank gets as many items (3 views
+    on 2 ranks: 4 batches, one view twice), and a mean over the logged batches counts the repeat; joining the
+    ranks' rows by item key instead gives exactly the one-process mean."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        parts: list = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, rows)
+        rows = {k: v for part in parts for k, v in part.items()}
+    return [rows[k] for k in sorted(rows)]
+
+
+def finish_test(module, rows: dict, file: str = "test_scores.json") -> dict[str, float]:
+    """Log the mean of each ``test/*`` score over the unique items (every rank logs the same value, so no sync
+    is needed) and write the per-item rows to ``<run dir>/<file>``; returns the means."""
+    items = gather_unique(rows)
+    keys = list(dict.fromkeys(k for r in items for k in r if k.startswith("test/") and isinstance(r[k], float)))
+    means = {k: sum(r[k] for r in items if k in r) / sum(k in r for r in items) for k in keys}
+    if means:
+        module.log_dict({k: torch.tensor(v, dtype=torch.float64) for k, v in means.items()}, sync_dist=False)
+    if module.trainer.is_global_zero and items:
+        Path(module.trainer.default_root_dir, file).write_text(json.dumps(items, indent=1))
+    return means
 
 
 def save_png(path: Path, image: torch.Tensor) -> None:
@@ -23,16 +56,23 @@ class RenderMixin:
     Validation and test batches are whole images (``rays_o``, ``rays_d``, ``rgb``: (H, W, 3))."""
 
     @torch.no_grad()
-    def render_image(self, rays_o: torch.Tensor, rays_d: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Render (H, W, 3) rays in chunks of ``hparams.chunk`` rays; outputs keep the image shape."""
+    def render_image(self, rays_o: torch.Tensor, rays_d: torch.Tensor,
+                     viewdirs: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Render (H, W, 3) rays in chunks of ``hparams.chunk`` rays; outputs keep the image shape. ``viewdirs``
+        (unit world directions, for NDC rays of forward-facing scenes) go to models whose ``render_rays``
+        takes them."""
         h, w = rays_o.shape[:2]
-        chunks = [self.render_rays(o, d) for o, d in
-                  zip(rays_o.reshape(-1, 3).split(self.hparams.chunk), rays_d.reshape(-1, 3).split(self.hparams.chunk))]
+        c = self.hparams.chunk
+        o, d = rays_o.reshape(-1, 3).split(c), rays_d.reshape(-1, 3).split(c)
+        if viewdirs is None:
+            chunks = [self.render_rays(*od) for od in zip(o, d)]
+        else:
+            chunks = [self.render_rays(*odv) for odv in zip(o, d, viewdirs.reshape(-1, 3).split(c))]
         return {k: torch.cat([c[k] for c in chunks]).reshape(h, w, -1).squeeze(-1) for k in chunks[0]}
 
-    def _evaluate(self, batch: dict, split: str) -> dict[str, torch.Tensor]:
+    def _render_scored(self, batch: dict, split: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         tic = time.perf_counter()
-        out = self.render_image(batch["rays_o"], batch["rays_d"])
+        out = self.render_image(batch["rays_o"], batch["rays_d"], batch.get("viewdirs"))
         seconds = time.perf_counter() - tic
         scores = {f"{split}/psnr": psnr(out["rgb"], batch["rgb"]), f"{split}/ssim": ssim(out["rgb"], batch["rgb"])}
         model, _ = lpips_model()
@@ -40,11 +80,11 @@ class RenderMixin:
             to_nchw = lambda im: im.permute(2, 0, 1)[None] * 2 - 1  # noqa: E731
             scores["test/lpips"] = model.to(out["rgb"].device)(to_nchw(out["rgb"]), to_nchw(batch["rgb"])).mean()
         scores[f"{split}/render_s_per_img"] = torch.tensor(seconds)
-        self.log_dict(scores, on_epoch=True, batch_size=1, sync_dist=True)
-        return out
+        return out, scores
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        out = self._evaluate(batch, "val")
+        out, scores = self._render_scored(batch, "val")
+        self.log_dict(scores, on_epoch=True, batch_size=1, sync_dist=True)
         if batch_idx == 0 and self.trainer.is_global_zero:
             panel = torch.cat([out["rgb"], batch["rgb"], depth_to_gray(out["depth"], out["acc"])], 1)
             save_png(Path(self.trainer.default_root_dir) / "val_images" / f"step{self.global_step:06d}.png", panel)
@@ -52,12 +92,59 @@ class RenderMixin:
                 logger.log_image(key="val/panel", images=[panel.clamp(0, 1).cpu().numpy()], step=self.global_step,
                                  caption=["prediction | ground truth | depth"])
 
+    def on_test_epoch_start(self) -> None:
+        self._test_rows: dict[int, dict] = {}
+
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        out = self._evaluate(batch, "test")
+        out, scores = self._render_scored(batch, "test")
         folder = Path(self.trainer.default_root_dir) / "test_images"
         index = int(batch["index"])
+        files = [f"test_images/{index:03d}_rgb.png", f"test_images/{index:03d}_depth.png"]
         save_png(folder / f"{index:03d}_rgb.png", out["rgb"])
         save_png(folder / f"{index:03d}_depth.png", depth_to_gray(out["depth"], out["acc"])[..., 0])
+        self._test_rows[index] = {"view": index, **{k: float(v) for k, v in scores.items()}, "files": files}
+
+    def on_test_epoch_end(self) -> None:
+        finish_test(self, self._test_rows)
+
+    def on_test_end(self) -> None:
+        """After testing, the camera-path video when ``render_path_frames`` > 0 (rank 0 only)."""
+        if self.hparams.get("render_path_frames", 0) and self.trainer.is_global_zero:
+            self.render_path_video(self.trainer.datamodule, self.hparams.render_path_frames)
+
+    @torch.no_grad()
+    def render_path_video(self, dm, n_frames: int, fps: int = 30) -> Path | None:
+        """RGB | depth side by side along the datamodule's camera path (``render_poses(n_frames)``: an orbit for
+        Blender, NeuS and generated scenes, NeRF's spiral for LLFF), at the test views' size and intrinsics,
+        written to ``<run dir>/render_path.mp4`` and logged to W&B as a video. Returns the file."""
+        from src.render import get_rays
+        from src.render.video import to_uint8, write_video
+
+        poses = dm.render_poses(n_frames)
+        if poses is None or not len(poses):
+            log.warning("%s has no camera path: no video", type(dm).__name__)
+            return None
+        views = dm.splits["test"]
+        h, w = views.hw
+        was_training = self.training
+        self.eval()
+        frames = []
+        tic = time.perf_counter()
+        for c2w in poses:
+            rays_o, rays_d = get_rays(h, w, views.intrinsics(0), c2w.to(views.c2w))
+            viewdirs = rays_d / rays_d.norm(dim=-1, keepdim=True)  # from the world rays (before any NDC warp)
+            rays_o, rays_d = dm.ray_fn(rays_o, rays_d)
+            out = self.render_image(rays_o.to(self.device), rays_d.to(self.device), viewdirs.to(self.device))
+            frames.append(to_uint8(torch.cat([out["rgb"], depth_to_gray(out["depth"], out["acc"])], 1)))
+        self.train(was_training)
+        path = write_video(Path(self.trainer.default_root_dir) / "render_path.mp4", frames, fps)
+        log.info("wrote %d frames (rgb | depth) of the camera path to %s in %.1f s", len(frames), path,
+                 time.perf_counter() - tic)
+        for logger in wandb_loggers(self.trainer):
+            import wandb
+
+            logger.experiment.log({"test/render_path": wandb.Video(str(path), format=path.suffix[1:])})
+        return path
 
 
 def depth_to_gray(depth: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:

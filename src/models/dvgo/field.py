@@ -125,9 +125,10 @@ class DirectVoxGO(nn.Module):
         return {k: (v[keep] if k != "n_steps" else v) for k, v in s.items()}
 
     def forward(self, rays_o: torch.Tensor, rays_d: torch.Tensor, near: float, stepsize: float,
-                background: float) -> dict[str, torch.Tensor]:
+                background: float, viewdirs: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Render rays (N, 3): rgb (N, 3), depth (N,), acc (N,), per-sample values for the losses, and
-        ``n_colour``: how many samples reached the colour grid (after culling and early termination)."""
+        ``n_colour``: how many samples reached the colour grid (after culling and early termination).
+        ``viewdirs``: unit world view directions when ``rays_d`` are not world directions (NDC), else None."""
         n_rays = rays_o.shape[0]
         s = self.sample(rays_o, rays_d, near, stepsize)
         pts, ray_id, t, step_id = s["pts"], s["ray_id"], s["t"], s["step_id"]
@@ -143,7 +144,7 @@ class DirectVoxGO(nn.Module):
         if self.rgbnet is None:
             rgb = torch.sigmoid(k0)
         else:
-            viewdirs = F.normalize(rays_d, dim=-1)
+            viewdirs = F.normalize(rays_d, dim=-1) if viewdirs is None else viewdirs
             view_emb = positional_encoding(viewdirs, self.viewbase_pe)[ray_id]  # (M, 3 + 6 pe)
             rgb = torch.sigmoid(self.rgbnet(torch.cat([k0, view_emb], -1)))
         return {

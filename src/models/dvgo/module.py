@@ -58,6 +58,8 @@ class DVGOModule(RenderMixin, L.LightningModule):
         log_every: a one-line progress log (step, stage, train PSNR, stage seconds) every this many steps.
         stop_transmittance: early ray termination (DVGO's CUDA renderer stops compositing a ray once its
         transmittance falls below 1e-3; 0 composites every sample).
+        render_path_frames: after testing, this many frames of the camera path (an orbit; DVGO's
+            ``--render_video``) into ``render_path.mp4`` (rgb | depth) in the run dir (0: off).
 
     On a GPU a training step reads nothing back from the device except what a ragged batch needs (the
     number of samples, for allocating them): the stage is a Python int, the field's scalars are Python
@@ -71,12 +73,12 @@ class DVGOModule(RenderMixin, L.LightningModule):
                  viewbase_pe: int, chunk: int, seed: int, log_every: int = 500, weight_tv_density: float = 0.0,
                  weight_tv_k0: float = 0.0, tv_every: int = 1, tv_after: int = 0, tv_before: int = 0,
                  tv_dense_before: int = 0, mesh_resolution: int = 0, mesh_threshold: float = 0.1,
-                 stop_transmittance: float = 1e-3) -> None:
+                 stop_transmittance: float = 1e-3, render_path_frames: int = 0) -> None:
         super().__init__()
         check_positive("model", n_rand=n_rand, stepsize=stepsize, chunk=chunk, **{
             f"{name}.{key}": stage[key] for name, stage in (("coarse", coarse), ("fine", fine))
             for key in ("iters", "num_voxels", "num_voxels_base")})
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # the loggers get the composed config once (pipeline.run)
         self.automatic_optimization = False
         self.coarse_cfg, self.fine_cfg = StageConfig(**coarse), StageConfig(**fine)
         mlp = dict(rgbnet_depth=rgbnet_depth, rgbnet_width=rgbnet_width, viewbase_pe=viewbase_pe,
@@ -216,7 +218,7 @@ class DVGOModule(RenderMixin, L.LightningModule):
         step = self.global_step
         cfg, hp, tic = self.stage_cfg, self.hparams, time.perf_counter()
         rays = self.ray_bank[self.sampler.indices(step)]
-        out = self.field(rays.rays_o, rays.rays_d, self.near, hp.stepsize, self.background)
+        out = self.field(rays.rays_o, rays.rays_d, self.near, hp.stepsize, self.background, rays.viewdirs)
 
         mse = F.mse_loss(out["rgb"], rays.rgb)
         loss = mse
@@ -320,9 +322,10 @@ class DVGOModule(RenderMixin, L.LightningModule):
         return "fine" if self.stage_id == 2 else "coarse"
 
     # ---- rendering and checkpoints ----------------------------------------------------------------
-    def render_rays(self, rays_o: torch.Tensor, rays_d: torch.Tensor) -> dict[str, torch.Tensor]:
+    def render_rays(self, rays_o: torch.Tensor, rays_d: torch.Tensor,
+                    viewdirs: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         out = self.field(rays_o, rays_d, self.trainer.datamodule.near, self.hparams.stepsize,
-                         self.trainer.datamodule.background)
+                         self.trainer.datamodule.background, viewdirs)
         return {"rgb": out["rgb"], "depth": out["depth"], "acc": out["acc"]}
 
     def geometry_field(self):

@@ -30,7 +30,7 @@ class NeRFModule(RenderMixin, L.LightningModule):
             ``precrop_iters`` steps (Blender). iters: training steps. chunk: rays per forward when rendering
             images (bounds memory: a full image never builds one huge batch). netchunk: points per MLP call.
         render_path_frames: after testing, render this many frames of the datamodule's camera path (LLFF:
-            NeRF's spiral) into ``render_path.gif`` in the run dir (0: off).
+            NeRF's spiral; object scenes: an orbit) into ``render_path.mp4`` (rgb | depth) in the run dir (0: off).
     """
 
     def __init__(self, n_rand: int = 1024, n_samples: int = 64, n_importance: int = 128, perturb: bool = True,
@@ -42,7 +42,7 @@ class NeRFModule(RenderMixin, L.LightningModule):
                  mesh_bound: float = 1.5) -> None:
         super().__init__()
         check_positive("model", n_rand=n_rand, n_samples=n_samples, iters=iters, chunk=chunk, netchunk=netchunk)
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # the loggers get the composed config once (pipeline.run)
         mlp = dict(pe_xyz=pe_xyz, pe_dir=pe_dir, use_viewdirs=use_viewdirs)
         self.coarse = NeRFMLP(netdepth, netwidth, **mlp)
         self.fine = NeRFMLP(netdepth_fine, netwidth_fine, **mlp) if n_importance > 0 else None
@@ -115,15 +115,18 @@ class NeRFModule(RenderMixin, L.LightningModule):
             self.set_scene(dm.near, dm.far, dm.background)
         return self.scene
 
-    def render_rays(self, rays_o: torch.Tensor, rays_d: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Coarse + fine rendering of (n, 3) rays; training-time jitter and noise only in training mode."""
+    def render_rays(self, rays_o: torch.Tensor, rays_d: torch.Tensor,
+                    viewdirs: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Coarse + fine rendering of (n, 3) rays; training-time jitter and noise only in training mode.
+        ``viewdirs``: unit world view directions for NDC rays (nerf-pytorch takes them before the NDC warp);
+        by default the directions of ``rays_d``."""
         hp = self.hparams
         near_, far_, background = self._scene()
         train = self.training
         n = rays_o.shape[0]
         near = torch.full((n,), near_, device=rays_o.device)
         far = torch.full((n,), far_, device=rays_o.device)
-        viewdirs = F.normalize(rays_d, dim=-1)
+        viewdirs = F.normalize(rays_d, dim=-1) if viewdirs is None else viewdirs
         noise = hp.raw_noise_std if train else 0.0
         z = stratified_depths(near, far, hp.n_samples, perturb=hp.perturb and train, lindisp=hp.lindisp)
         pts = rays_o[:, None] + rays_d[:, None] * z[..., None]
@@ -145,7 +148,7 @@ class NeRFModule(RenderMixin, L.LightningModule):
         else:
             idx = self.sampler.indices(step)
         rays = self.ray_bank[idx.to(self.device)]
-        out = self.render_rays(rays.rays_o, rays.rays_d)
+        out = self.render_rays(rays.rays_o, rays.rays_d, rays.viewdirs)
         mse = F.mse_loss(out["rgb"], rays.rgb)
         loss = mse + F.mse_loss(out["coarse_rgb"], rays.rgb) if self.fine is not None else mse
         if not torch.isfinite(loss):
@@ -167,27 +170,3 @@ class NeRFModule(RenderMixin, L.LightningModule):
         b = float(self.hparams.mesh_bound)
         return {"field": density, "level": self.hparams.mesh_threshold, "inside": "above",
                 "bound_min": (-b,) * 3, "bound_max": (b,) * 3}
-
-    # ---- camera-path video ------------------------------------------------------------------------
-    def on_test_end(self) -> None:
-        n = self.hparams.render_path_frames
-        dm = self.trainer.datamodule
-        path = getattr(dm, "render_poses", None)
-        if not n or path is None or not self.trainer.is_global_zero:
-            return
-        import numpy as np
-        from PIL import Image
-
-        from src.render import get_rays
-
-        views = dm.splits["test"]
-        h, w = views.hw
-        frames = []
-        for c2w in path[:: max(1, len(path) // n)][:n]:
-            rays_o, rays_d = get_rays(h, w, views.intrinsics(0), c2w)
-            rays_o, rays_d = dm.ray_fn(rays_o, rays_d)
-            rgb = self.render_image(rays_o.to(self.device), rays_d.to(self.device))["rgb"]
-            frames.append(Image.fromarray(np.round(rgb.clamp(0, 1).cpu().numpy() * 255).astype(np.uint8)))
-        out = Path(self.trainer.default_root_dir) / "render_path.gif"
-        frames[0].save(out, save_all=True, append_images=frames[1:], duration=40, loop=0)
-        log.info("wrote %d frames of the camera path to %s", len(frames), out)

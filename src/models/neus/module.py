@@ -74,6 +74,8 @@ class NeuSModule(RenderMixin, L.LightningModule):
         background: colour of empty space (0: black, as DTU masks; the NeRF++ model replaces it).
         chunk: rays per forward when rendering images. mesh_resolution, mesh_threshold: the mesh written
             after testing by the ``mesh`` callback (0: none).
+        render_path_frames: after testing, this many frames of an orbit about the scene's up axis into
+            ``render_path.mp4`` (rgb | depth) in the run dir (0: off).
     """
 
     def __init__(self, batch_size: int = 512, n_samples: int = 64, n_importance: int = 64, up_sample_steps: int = 4,
@@ -81,10 +83,11 @@ class NeuSModule(RenderMixin, L.LightningModule):
                  warm_up_end: int = 5000, end_iter: int = 300000, anneal_end: int = 0, igr_weight: float = 0.1,
                  mask_weight: float = 0.1, sdf: dict | None = None, rendering: dict | None = None,
                  variance_init: float = 0.3, nerf: dict | None = None, background: float = 0.0, chunk: int = 512,
-                 mesh_resolution: int = 512, mesh_threshold: float = 0.0, seed: int = 0) -> None:
+                 mesh_resolution: int = 512, mesh_threshold: float = 0.0, seed: int = 0,
+                 render_path_frames: int = 0) -> None:
         super().__init__()
         check_positive("model", batch_size=batch_size, n_samples=n_samples, end_iter=end_iter, chunk=chunk)
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # the loggers get the composed config once (pipeline.run)
         self.sdf_net = SDFNetwork(**(sdf or {}))
         self.color_net = RenderingNetwork(**(rendering or {}))
         self.variance = SingleVariance(variance_init)
@@ -146,8 +149,10 @@ class NeuSModule(RenderMixin, L.LightningModule):
         alpha = 1.0 - torch.exp(-F.softplus(sigma.reshape(n, s)) * dists)
         return rgb.reshape(n, s, 3), alpha
 
-    def render_rays(self, rays_o: torch.Tensor, rays_d: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Render (n, 3) rays (any direction length: NeuS works with unit directions, depth is along them):
+    def render_rays(self, rays_o: torch.Tensor, rays_d: torch.Tensor,
+                    viewdirs: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Render (n, 3) world rays (``viewdirs`` is unused: NeuS takes no NDC rays, its directions are the rays'),
+        any direction length (NeuS works with unit directions, depth is along them):
         per-ray ``rgb``, ``depth``, ``acc`` (opacity), ``normal`` (weighted unit SDF gradients)."""
         return self._render(rays_o, rays_d)[0]
 

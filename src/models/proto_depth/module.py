@@ -36,7 +36,7 @@ class ProtoDepthModule(L.LightningModule):
                  looped_transform: bool = False, dense_chamfer: bool = False, eval_samples_per_slot: int = 200) -> None:
         super().__init__()
         check_positive("model", iters=iters, samples_per_slot=samples_per_slot, k_nearest=k_nearest)
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # the loggers get the composed config once (pipeline.run)
         self.net = ProtoDepthNet(**(net or {}))
         self.coverage: list[torch.Tensor] = []
 

@@ -67,7 +67,7 @@ class PUINNModule(L.LightningModule):
                  gt_oversample: int = 8) -> None:
         super().__init__()
         check_positive("model", iters=iters, patch_size=patch_size)
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # the loggers get the composed config once (pipeline.run)
         self.net = PUINN(**(net or {}))
         self.test_scores: list[dict] = []
 
