@@ -1,6 +1,8 @@
-"""Logger factories the ``conf/logger`` presets build."""
+"""Logger factories the ``conf/logger`` presets build, what a run sends to W&B when it ends, and the core
+share of each job of a parallel sweep."""
 from __future__ import annotations
 
+import json
 import logging
 import netrc
 import os
@@ -30,6 +32,10 @@ def wandb_logger(save_dir: str, project: str = "neural3d", name: str | None = No
     Path(save_dir).mkdir(parents=True, exist_ok=True)
     logger = WandbLogger(save_dir=save_dir, project=project, name=name, group=group, mode=mode, tags=tags,
                          log_model=False, **kwargs)
+    # Lightning always passes wandb.init(anonymous=None); wandb >= 0.19 deprecated the setting and prints "The
+    # anonymous setting has no effect" for any value it is given, None included. We never set it: drop the key.
+    if getattr(logger, "_wandb_init", {}).get("anonymous", "") is None:
+        del logger._wandb_init["anonymous"]
     if mode == "offline":
         log.info("W&B is offline (no login found): the run is saved under %s/wandb; upload it later with "
                  "`wandb sync %s/wandb/offline-run-*`", save_dir, save_dir)
@@ -39,3 +45,83 @@ def wandb_logger(save_dir: str, project: str = "neural3d", name: str | None = No
 def wandb_loggers(trainer) -> list:
     """The trainer's W&B loggers (what dashboards-only artifacts - images, tables - are sent to)."""
     return [lg for lg in trainer.loggers if type(lg).__name__ == "WandbLogger"]
+
+
+def _media(run_dir: Path, file: str):
+    """A W&B media object for a file a test step wrote: images, and point clouds (``.xyz``) as 3D objects."""
+    import numpy as np
+    import wandb
+
+    path = run_dir / file
+    if not path.is_file():
+        return None
+    if path.suffix == ".png":
+        return wandb.Image(str(path))
+    if path.suffix == ".xyz":
+        return wandb.Object3D(np.loadtxt(path, dtype=np.float32).reshape(-1, 3))
+    return None
+
+
+def wandb_results(trainer, run_dir: Path, metrics: dict) -> None:
+    """What W&B keeps of a finished run: every ``metrics.json`` key in the run summary; the test items
+    (``test_scores.json``) as the table ``test/items`` (item, its images or point cloud, its scores); the mesh
+    (``mesh.ply``) as a 3D object."""
+    loggers = wandb_loggers(trainer)
+    if not loggers:
+        return
+    import wandb
+
+    rows_file = run_dir / "test_scores.json"
+    rows = json.loads(rows_file.read_text()) if rows_file.is_file() else []
+    table = None
+    if rows:
+        key = next(k for k in ("view", "map", "name") if k in rows[0])
+        media = list(dict.fromkeys(Path(f).stem.split("_", 1)[-1] if Path(f).suffix == ".png" else "points"
+                                   for r in rows for f in r.get("files", [])))
+        scores = list(dict.fromkeys(k for r in rows for k in r if k.startswith("test/")))
+        table = wandb.Table(columns=[key, *media, *scores])
+        for r in rows:
+            by_kind = {(Path(f).stem.split("_", 1)[-1] if Path(f).suffix == ".png" else "points"): _media(run_dir, f)
+                       for f in r.get("files", [])}
+            table.add_data(r[key], *[by_kind.get(m) for m in media], *[r.get(k) for k in scores])
+    mesh = None
+    if (run_dir / "mesh.ply").is_file():
+        import trimesh
+
+        glb = run_dir / "mesh.glb"  # W&B shows glb / obj / stl, not ply
+        trimesh.load(run_dir / "mesh.ply", force="mesh").export(glb)
+        mesh = wandb.Object3D(str(glb))
+    for logger in loggers:
+        run = logger.experiment
+        run.summary.update({k: v for k, v in metrics.items()})
+        if table is not None:
+            run.log({"test/items": table})
+        if mesh is not None:
+            run.log({"test/mesh": mesh})
+
+
+def share_cores_in_parallel_sweeps() -> int | None:
+    """In a ``hydra/launcher=joblib`` multirun, give this job its share of the cores: ``cpu_count // n_jobs``
+    torch (intra-op and OpenMP) threads, at least 1. Several torch processes that each take every core slow each
+    other down many times over on a small machine (spinning OpenMP threads fight for the same cores), far more
+    than running them one after another. Returns the threads set, or None outside such a sweep."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+    except (ImportError, ValueError):
+        return None
+    launcher = hc.launcher
+    if hc.mode != RunMode.MULTIRUN or "joblib" not in str(launcher.get("_target_", "")).lower():
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    n_jobs = int(launcher.get("n_jobs") or -1)
+    n_jobs = cores + 1 + n_jobs if n_jobs < 0 else n_jobs  # joblib: -1 = all cores, -2 = all but one, ...
+    threads = max(1, cores // max(1, n_jobs))
+    import torch
+
+    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)  # for processes it starts
+    log.info("parallel sweep: %d jobs at a time on %d cores -> %d torch thread(s) for this job", n_jobs, cores, threads)
+    return threads

@@ -5,6 +5,7 @@ import json
 import logging
 import math
 import time
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -14,11 +15,18 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from src import kernels
-from src.loggers import wandb_loggers
+from src.loggers import share_cores_in_parallel_sweeps, wandb_loggers, wandb_results
 from src.callbacks.memory import peak_rss_mb, reset_peak_rss
 from src.metrics import lpips_model
 
 log = logging.getLogger(__name__)
+
+# Lightning warns, with a pasted code example, that a ModelCheckpoint of a manually optimised module (DVGO) holds
+# the state *after* the step's optimizer update. That is what resuming needs here: a checkpoint at global step N
+# holds N updates and training resumes at step N (tests/test_dvgo.py: a resumed run ends as an uninterrupted one).
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization", category=UserWarning)
+# Lightning 2.6's pytree helper calls an isinstance check that torch >= 2.10 deprecates; nothing for a user to do.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=Warning)
 
 
 def _instantiate_all(group: DictConfig | None) -> list:
@@ -72,16 +80,36 @@ def check_checkpoint(path: str | None) -> None:
         raise ValueError(f"ckpt_path={path}: not a Lightning checkpoint (no state_dict)")
 
 
-def run(cfg: DictConfig) -> dict:
-    """Train ``cfg.model`` on ``cfg.data`` and test it; returns the flat metrics written to metrics.json."""
+def _setup(cfg: DictConfig) -> Path:
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
     reset_peak_memory()  # memory/peak_mb is this run's (a multirun trains several in one process)
+    share_cores_in_parallel_sweeps()
     if cfg.get("kernels") is not None:
         kernels.set_backend(cfg.kernels.backend, **(cfg.kernels.get("ops") or {}))
     torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
+    return out_dir
 
+
+def _trainer(cfg: DictConfig, out_dir: Path, max_steps: int) -> L.Trainer:
+    trainer: L.Trainer = instantiate(cfg.trainer, max_steps=max_steps, default_root_dir=str(out_dir),
+                                     callbacks=_instantiate_all(cfg.get("callbacks")),
+                                     logger=_instantiate_all(cfg.get("logger")) or False)
+    if trainer.is_global_zero:
+        (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        saved = out_dir / ".hydra" / "config.yaml"  # Hydra writes it for command-line runs; eval.py reads it
+        if not saved.is_file():
+            saved.parent.mkdir(exist_ok=True)
+            saved.write_text(OmegaConf.to_yaml(cfg))
+    for logger in trainer.loggers:  # the composed config, once, with every run (W&B: the run's config panel)
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    return trainer
+
+
+def run(cfg: DictConfig) -> dict:
+    """Train ``cfg.model`` on ``cfg.data`` and test it; returns the flat metrics written to metrics.json."""
+    out_dir = _setup(cfg)
     check_checkpoint(cfg.ckpt_path)
     tic = time.perf_counter()
     datamodule = instantiate(cfg.data)
@@ -91,33 +119,81 @@ def run(cfg: DictConfig) -> dict:
 
     model = instantiate(cfg.model, _convert_="all")  # plain containers: checkpoints load with weights_only
     max_steps = cfg.trainer.max_steps if cfg.trainer.max_steps is not None else model.total_steps
-    trainer: L.Trainer = instantiate(cfg.trainer, max_steps=max_steps, default_root_dir=str(out_dir),
-                                     callbacks=_instantiate_all(cfg.get("callbacks")),
-                                     logger=_instantiate_all(cfg.get("logger")) or False)
-    if trainer.is_global_zero:
-        (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    for logger in trainer.loggers:  # the composed config, with every run (W&B: the run's config panel)
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    trainer = _trainer(cfg, out_dir, max_steps)
 
     tic = time.perf_counter()
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     train_s = time.perf_counter() - tic
     fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-    trainer.save_checkpoint(out_dir / "checkpoints" / "final.ckpt")
+    trainer.save_checkpoint(out_dir / "checkpoints" / "final.ckpt", weights_only=False)  # resumable, as last.ckpt
 
     datamodule.setup("test")
     trainer.test(model, datamodule=datamodule, verbose=False)
-    metrics = {**fit_metrics, **{k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}}
-    if "test/psnr" in metrics:  # image methods: say why LPIPS is missing rather than leave it out silently
-        _, reason = lpips_model()
-        if reason:
-            metrics["test/lpips"] = f"unavailable: {reason}"
-    backends = kernels.used_backends()
+    metrics = {**fit_metrics, **_test_metrics(trainer)}
     metrics.update({
         "time/load_s": round(load_s, 2),
         "time/train_s": round(train_s, 2),
         **{f"time/{k}_s": round(v, 2) for k, v in getattr(model, "stage_time", {}).items()},
         "train/steps": int(trainer.global_step),
+    })
+    return _report(trainer, model, datamodule, out_dir, metrics)
+
+
+def evaluate(cfg: DictConfig, ckpt_path: str, render: str = "test", source: dict | None = None) -> dict:
+    """Test the checkpoint ``ckpt_path`` of a run whose (saved, possibly overridden) config is ``cfg``, into the
+    new run dir ``cfg.paths.output_dir``: metrics.json, test_scores.json, images / meshes / point clouds as a
+    training run writes them. ``render``: ``test`` (the test split), ``path`` (only the camera-path video,
+    ``model.render_path_frames`` frames, 120 when 0) or ``both``. ``source`` (what was evaluated: the checkpoint,
+    its run, the overrides) goes into metrics.json under ``eval/*``. Returns the metrics."""
+    if render not in ("test", "path", "both"):
+        raise ValueError(f"render must be test, path or both, got {render!r}")
+    out_dir = _setup(cfg)
+    check_checkpoint(ckpt_path)
+    tic = time.perf_counter()
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("test")  # test data only: no training split is read
+    load_s = time.perf_counter() - tic
+    model = instantiate(cfg.model, _convert_="all")
+    frames = model.hparams.get("render_path_frames") or 120
+    if "render_path_frames" in model.hparams:
+        model.hparams.render_path_frames = 0  # the video is rendered below, when asked, not after testing
+    trainer = _trainer(cfg, out_dir, max_steps=-1)
+    metrics: dict = {f"eval/{k}": v for k, v in (source or {}).items()}
+    if render in ("test", "both"):
+        trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
+        metrics.update(_test_metrics(trainer))
+    if render in ("path", "both"):
+        if not hasattr(model, "render_path_video"):
+            raise ValueError(f"render={render}: {type(model).__name__} renders no camera path (image methods do)")
+        if render == "path":  # the weights, as trainer.test would have loaded them
+            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+            model.on_load_checkpoint(ckpt)
+            model.load_state_dict(ckpt["state_dict"])
+            model.to(trainer.strategy.root_device)
+        if trainer.is_global_zero:
+            tic = time.perf_counter()
+            path = model.render_path_video(datamodule, frames, out_dir, wandb_loggers(trainer))
+            metrics.update({"video/file": str(path), "video/frames": frames,
+                            "time/video_s": round(time.perf_counter() - tic, 2)})
+    metrics["time/load_s"] = round(load_s, 2)
+    return _report(trainer, model, datamodule, out_dir, metrics)
+
+
+def _test_metrics(trainer: L.Trainer) -> dict:
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+    if "test/psnr" in metrics:  # image methods: say why LPIPS is missing rather than leave it out silently
+        _, reason = lpips_model()
+        if reason:
+            metrics["test/lpips"] = f"unavailable: {reason}"
+    return metrics
+
+
+def _report(trainer: L.Trainer, model, datamodule, out_dir: Path, metrics: dict) -> dict:
+    """Add the run-wide figures and callback summaries to ``metrics``, write metrics.json, send the results to
+    W&B (summary, test-item table, mesh), close the loggers."""
+    backends = kernels.used_backends()
+    metrics.update({
         "data/test_split": datamodule.test_split_used,
         "memory/peak_mb": round(peak_memory_mb(model.device), 1),
         # which backend each custom kernel ran on (only for methods that call any of them)
@@ -130,6 +206,7 @@ def run(cfg: DictConfig) -> dict:
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
         log.info("metrics: %s", json.dumps({k: v for k, v in metrics.items() if not k.startswith("kernels/")}))
         log.info("run dir: %s", out_dir)
+        wandb_results(trainer, out_dir, metrics)
     _finish_loggers(trainer)
     bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
     if bad:

@@ -131,18 +131,41 @@ def test_kernel_ab_compares_the_triton_kernels_with_the_reference(callbacks_all_
     assert metrics["kernel_ab/max_abs_err"] < 1e-4
 
 
-def test_wandb_offline_run_holds_metrics_and_images(make_cfg, tmp_path, monkeypatch):
+def test_wandb_offline_run_holds_the_results(make_cfg, tmp_path, monkeypatch, capfd):
+    """The offline run's record log (what `wandb sync` uploads) holds the composed config once (no flattened
+    model hyperparameters beside it), every metrics.json key in the summary, the test views as a table with their
+    images and scores, the mesh as a 3D object, and the val panel; and W&B prints no deprecation notice."""
+    from tests.wandb_records import read_run, records
+
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
-    monkeypatch.setenv("WANDB_SILENT", "true")
     out = tmp_path / "run"
-    run(make_cfg("experiment=dvgo_smoke", "logger=wandb", "model.coarse.iters=20", "model.coarse.alpha_init=0.01",
-                 "model.fine.iters=10", "model.fine.pg_scale=[5]", "trainer.val_check_interval=30", out=out))
+    metrics = run(make_cfg("experiment=dvgo_smoke", "logger=wandb", "model.coarse.iters=20",
+                           "model.coarse.alpha_init=0.01", "model.fine.iters=10", "model.fine.pg_scale=[5]",
+                           "trainer.val_check_interval=30", "model.mesh_resolution=24", out=out))
     (run_dir,) = (out / "wandb").glob("offline-run-*")
     assert list((run_dir / "files" / "media" / "images").rglob("*.png")), "val panel image"
-    records = next(run_dir.glob("*.wandb")).read_bytes()
-    for key in (b"train/psnr", b"val/psnr", b"test/psnr", b"n_rand"):
-        assert key in records, key  # scalars and the config are in the run's record log
+    record_file = next(run_dir.glob("*.wandb"))
+    rec = read_run(record_file)
+    assert set(rec["config"]) == {"callbacks", "ckpt_path", "data", "float32_matmul_precision", "kernels", "logger",
+                                  "model", "optimized_metric", "paths", "seed", "task_name", "trainer"}
+    assert rec["config"]["model"]["n_rand"] == 1024
+    saved = json.loads((out / "metrics.json").read_text())
+    for key, value in saved.items():
+        assert key in rec["summary"], key
+        if isinstance(value, float) and value == value:
+            assert rec["summary"][key] == pytest.approx(value), key
+    table = rec["summary"]["test/items"]
+    assert table["_type"] == "table-file" and table["nrows"] == 3 and table["ncols"] == 6
+    columns = json.loads(next((run_dir / "files").rglob("items_*.table.json")).read_text())["columns"]
+    assert columns == ["view", "rgb", "depth", "test/psnr", "test/ssim", "test/render_s_per_img"]
+    (artifact,) = [r.artifact for r in records(record_file) if r.WhichOneof("record_type") == "artifact"
+                   and r.artifact.type == "run_table"]
+    images = sorted(Path(c.path).name for c in artifact.manifest.contents if c.path.endswith(".png"))
+    assert images == sorted(f"{i:03d}_{k}.png" for i in range(3) for k in ("rgb", "depth"))
+    assert rec["summary"]["test/mesh"]["_type"] == "object3D-file"
+    assert metrics["test/psnr"] == pytest.approx(rec["summary"]["test/psnr"])
+    assert "anonymous" not in capfd.readouterr().err
 
 
 def test_multirun_writes_the_sweep_summary(tmp_path, data_dir):

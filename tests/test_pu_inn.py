@@ -299,5 +299,5 @@ def test_pu_inn_smoke_lowers_cd_and_memory_stays_flat(make_cfg, tmp_path):
     assert (tmp_path / "run" / "test_points").is_dir()
     per_shape = json.loads((tmp_path / "run" / "test_scores.json").read_text())
     assert len(per_shape) == 2 and all(s["n_output"] == 4 * s["n_input"] == 2048 for s in per_shape)
-    assert metrics["test/cd"] == pytest.approx(1e3 * sum(s["cd"] for s in per_shape) / 2, rel=1e-4)
+    assert metrics["test/cd"] == pytest.approx(sum(s["test/cd"] for s in per_shape) / 2, rel=1e-6)  # both x1e-3
     assert "test/lpips" not in metrics and not any(k.startswith("kernels/") for k in metrics)

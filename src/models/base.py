@@ -32,9 +32,9 @@ def gather_unique(rows: dict) -> list[dict]:
     return [rows[k] for k in sorted(rows)]
 
 
-def finish_test(module, rows: dict, file: str = "test_scores.json") -> dict[str, float]:
-    """Log the mean of each ``test/*`` score over the unique items (every rank logs the same value, so no sync
-    is needed) and write the per-item rows to ``<run dir>/<file>``; returns the means."""
+def finish_test(module, rows: dict, file: str = "test_scores.json") -> list[dict]:
+    """Log the mean of each ``test/*`` score over the unique items of every rank (each rank logs the same value,
+    so no sync is needed) and write the per-item rows to ``<run dir>/<file>``; returns the rows."""
     items = gather_unique(rows)
     keys = list(dict.fromkeys(k for r in items for k in r if k.startswith("test/") and isinstance(r[k], float)))
     means = {k: sum(r[k] for r in items if k in r) / sum(k in r for r in items) for k in keys}
@@ -42,7 +42,7 @@ def finish_test(module, rows: dict, file: str = "test_scores.json") -> dict[str,
         module.log_dict({k: torch.tensor(v, dtype=torch.float64) for k, v in means.items()}, sync_dist=False)
     if module.trainer.is_global_zero and items:
         Path(module.trainer.default_root_dir, file).write_text(json.dumps(items, indent=1))
-    return means
+    return items
 
 
 def save_png(path: Path, image: torch.Tensor) -> None:
@@ -110,16 +110,28 @@ class RenderMixin:
     def on_test_end(self) -> None:
         """After testing, the camera-path video when ``render_path_frames`` > 0 (rank 0 only)."""
         if self.hparams.get("render_path_frames", 0) and self.trainer.is_global_zero:
-            self.render_path_video(self.trainer.datamodule, self.hparams.render_path_frames)
+            self.render_path_video(self.trainer.datamodule, self.hparams.render_path_frames,
+                                   Path(self.trainer.default_root_dir), wandb_loggers(self.trainer))
+
+    def set_scene(self, near: float, far: float, background: float) -> None:
+        """Ray bounds and background colour, for rendering without a trainer (taken from the datamodule)."""
+        self.scene = (float(near), float(far), float(background))
+
+    def _scene(self) -> tuple[float, float, float]:
+        if getattr(self, "scene", None) is None:
+            dm = self.trainer.datamodule
+            self.set_scene(dm.near, dm.far, dm.background)
+        return self.scene
 
     @torch.no_grad()
-    def render_path_video(self, dm, n_frames: int, fps: int = 30) -> Path | None:
+    def render_path_video(self, dm, n_frames: int, out_dir: Path, loggers=(), fps: int = 30) -> Path | None:
         """RGB | depth side by side along the datamodule's camera path (``render_poses(n_frames)``: an orbit for
         Blender, NeuS and generated scenes, NeRF's spiral for LLFF), at the test views' size and intrinsics,
-        written to ``<run dir>/render_path.mp4`` and logged to W&B as a video. Returns the file."""
+        written to ``<out_dir>/render_path.mp4`` and logged to the W&B ``loggers`` as a video. Returns the file."""
         from src.render import get_rays
         from src.render.video import to_uint8, write_video
 
+        self.set_scene(dm.near, dm.far, dm.background)
         poses = dm.render_poses(n_frames)
         if poses is None or not len(poses):
             log.warning("%s has no camera path: no video", type(dm).__name__)
@@ -137,10 +149,10 @@ class RenderMixin:
             out = self.render_image(rays_o.to(self.device), rays_d.to(self.device), viewdirs.to(self.device))
             frames.append(to_uint8(torch.cat([out["rgb"], depth_to_gray(out["depth"], out["acc"])], 1)))
         self.train(was_training)
-        path = write_video(Path(self.trainer.default_root_dir) / "render_path.mp4", frames, fps)
+        path = write_video(Path(out_dir) / "render_path.mp4", frames, fps)
         log.info("wrote %d frames (rgb | depth) of the camera path to %s in %.1f s", len(frames), path,
                  time.perf_counter() - tic)
-        for logger in wandb_loggers(self.trainer):
+        for logger in loggers:
             import wandb
 
             logger.experiment.log({"test/render_path": wandb.Video(str(path), format=path.suffix[1:])})

@@ -324,8 +324,8 @@ class DVGOModule(RenderMixin, L.LightningModule):
     # ---- rendering and checkpoints ----------------------------------------------------------------
     def render_rays(self, rays_o: torch.Tensor, rays_d: torch.Tensor,
                     viewdirs: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        out = self.field(rays_o, rays_d, self.trainer.datamodule.near, self.hparams.stepsize,
-                         self.trainer.datamodule.background, viewdirs)
+        near, _, background = self._scene()
+        out = self.field(rays_o, rays_d, near, self.hparams.stepsize, background, viewdirs)
         return {"rgb": out["rgb"], "depth": out["depth"], "acc": out["acc"]}
 
     def geometry_field(self):

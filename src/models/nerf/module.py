@@ -105,16 +105,6 @@ class NeRFModule(RenderMixin, L.LightningModule):
         depth = composite(weights, z.reshape(-1, 1), ray_id, n)[:, 0]
         return {"rgb": out_rgb, "depth": depth, "acc": 1 - T_last, "weights": weights.reshape(n, s)}
 
-    def set_scene(self, near: float, far: float, background: float) -> None:
-        """Ray bounds and background colour (taken from the datamodule when a trainer is attached)."""
-        self.scene = (float(near), float(far), float(background))
-
-    def _scene(self) -> tuple[float, float, float]:
-        if getattr(self, "scene", None) is None:
-            dm = self.trainer.datamodule
-            self.set_scene(dm.near, dm.far, dm.background)
-        return self.scene
-
     def render_rays(self, rays_o: torch.Tensor, rays_d: torch.Tensor,
                     viewdirs: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Coarse + fine rendering of (n, 3) rays; training-time jitter and noise only in training mode.

@@ -17,7 +17,7 @@ from src.config import check_positive
 from src.data.depth import project_points
 from src.geometry.knn import chamfer
 from src.geometry.mesh import sample_points
-from src.models.base import depth_to_gray
+from src.models.base import depth_to_gray, finish_test
 from src.models.proto_depth.losses import hybrid_chamfer, slot_coverage
 from src.models.proto_depth.network import ProtoDepthNet, slot_colours
 
@@ -38,7 +38,6 @@ class ProtoDepthModule(L.LightningModule):
         check_positive("model", iters=iters, samples_per_slot=samples_per_slot, k_nearest=k_nearest)
         self.save_hyperparameters(logger=False)  # the loggers get the composed config once (pipeline.run)
         self.net = ProtoDepthNet(**(net or {}))
-        self.coverage: list[torch.Tensor] = []
 
     @property
     def total_steps(self) -> int:
@@ -83,30 +82,33 @@ class ProtoDepthModule(L.LightningModule):
         self.log("val/chamfer", scores["chamfer"].mean(), batch_size=batch["points"].shape[0], sync_dist=True)
 
     def on_test_epoch_start(self) -> None:
-        self.coverage = []
+        self._test_rows: dict[int, dict] = {}
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         scores, _ = self._score(batch)
         cover = slot_coverage(scores["pred"], batch["points"])  # (B, K)
-        self.coverage.append(cover.cpu())
-        self.log_dict({"test/chamfer": scores["chamfer"].mean(), "test/slots_used": (cover >= 0.01).sum(1).float().mean()},
-                      batch_size=batch["points"].shape[0])
-        if self.trainer.is_global_zero:
-            for i in range(batch["depth"].shape[0]):
-                self._save_overlay(batch["depth"][i, 0], scores["pred"][i], int(batch["index"][i]))
+        for i in range(batch["depth"].shape[0]):
+            index = int(batch["index"][i])
+            files = self._save_overlay(batch["depth"][i, 0], scores["pred"][i], index)
+            self._test_rows[index] = {"map": index, "test/chamfer": float(scores["chamfer"][i]),
+                                      "test/slots_used": float((cover[i] >= 0.01).sum()),
+                                      "coverage": cover[i].tolist(), "files": files}
 
     def on_test_epoch_end(self) -> None:
-        """Per-slot coverage (share of depth points each slot explains), per test map -> test_coverage.json."""
-        if self.trainer.is_global_zero and self.coverage:
-            cover = torch.cat(self.coverage)
+        """Means over the unique test maps; per-map rows -> test_scores.json, and per-slot coverage (the share of
+        depth points each slot explains), per map and averaged -> test_coverage.json."""
+        rows = finish_test(self, self._test_rows)
+        if self.trainer.is_global_zero and rows:
+            cover = torch.tensor([r["coverage"] for r in rows])
             (Path(self.trainer.default_root_dir) / "test_coverage.json").write_text(json.dumps(
                 {"mean_per_slot": cover.mean(0).tolist(), "per_map": cover.tolist()}, indent=1))
 
-    def _save_overlay(self, depth: torch.Tensor, pred: torch.Tensor, index: int) -> None:
-        """The depth map (near bright) beside the same map with each slot's surface points drawn in its colour."""
+    def _save_overlay(self, depth: torch.Tensor, pred: torch.Tensor, index: int) -> list[str]:
+        """The depth map (near bright) beside the same map with each slot's surface points drawn in its colour;
+        returns the file (relative to the run dir)."""
         k = self.trainer.datamodule.intrinsics if self.trainer.datamodule is not None else None
         if k is None:
-            return
+            return []
         gray = depth_to_gray(depth, (depth > 0).to(depth.dtype))  # (H, W, 3); no measurement: black
         base = (gray.cpu().numpy() * 255).astype(np.uint8)
         over = base.copy()
@@ -120,3 +122,4 @@ class ProtoDepthModule(L.LightningModule):
         folder = Path(self.trainer.default_root_dir) / "test_images"
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.concatenate([base, over], 1)).save(folder / f"{index:03d}_slots.png")
+        return [f"test_images/{index:03d}_slots.png"]

@@ -4,7 +4,6 @@ terms; ``validation_step`` estimates the flow's log-determinant (its own estimat
 patches and scores them against the mesh (CD, HD, EMD, P2F)."""
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from src.config import check_positive
 from src.geometry.knn import chamfer
 from src.geometry.pu_metrics import (cd_hd, emd_exact, even_surface_sample, farthest_point_sample,
                                      normalize_unit_sphere, point_triangle_distance)
+from src.models.base import finish_test
 from src.models.pu_inn.network import PUINN
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,6 @@ class PUINNModule(L.LightningModule):
         check_positive("model", iters=iters, patch_size=patch_size)
         self.save_hyperparameters(logger=False)  # the loggers get the composed config once (pipeline.run)
         self.net = PUINN(**(net or {}))
-        self.test_scores: list[dict] = []
 
     @property
     def total_steps(self) -> int:
@@ -114,19 +113,19 @@ class PUINNModule(L.LightningModule):
         shape = batch
         pred = upsample_shape(self.net, shape["input"].to(self.device), self.hparams.patch_size)
         scores = score_shape(pred, shape["verts"], shape["faces"], self.hparams.gt_points, self.hparams.gt_oversample)
-        self.test_scores.append({"name": shape["name"], "n_input": int(shape["input"].shape[0]),
-                                 "n_output": int(pred.shape[0]), **scores})
         folder = Path(self.trainer.default_root_dir) / "test_points"
         folder.mkdir(parents=True, exist_ok=True)
         np.savetxt(folder / f"{shape['name']}.xyz", pred.cpu().numpy(), fmt="%.6f")
-        self.log_dict({f"test/{k}": v * 1e3 for k, v in scores.items()}, batch_size=1)
+        self._test_rows[shape["name"]] = {"name": shape["name"], "n_input": int(shape["input"].shape[0]),
+                                          "n_output": int(pred.shape[0]),
+                                          **{f"test/{k}": v * 1e3 for k, v in scores.items()},
+                                          "files": [f"test_points/{shape['name']}.xyz"]}
         log.info("%s: %s (x1e-3)", shape["name"], " ".join(f"{k.upper()} {v * 1e3:.3f}" for k, v in scores.items()))
 
     def on_test_epoch_start(self) -> None:
-        self.test_scores = []
+        self._test_rows: dict[str, dict] = {}
 
     def on_test_epoch_end(self) -> None:
-        """Per-shape scores (raw values, not x1e-3) -> ``test_scores.json`` in the run dir."""
-        if self.trainer.is_global_zero:
-            path = Path(self.trainer.default_root_dir) / "test_scores.json"
-            path.write_text(json.dumps(self.test_scores, indent=2))
+        """Means over the unique shapes; per-shape scores (x1e-3, as the PU-GAN tables print them) ->
+        ``test_scores.json`` in the run dir."""
+        finish_test(self, self._test_rows)
