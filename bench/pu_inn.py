@@ -37,7 +37,7 @@ INPUTS_ONLY = {"Icosahedron": 1.59, "fandisk": 0.65}  # the issue's CD of the in
 def train(steps: int, test_dir: Path, run_dir: Path, data_dir: Path) -> float:
     tic = time.perf_counter()
     subprocess.run([sys.executable, "train.py", "experiment=pu_inn_synthetic_cpu", f"model.iters={steps}",
-                    f"trainer.val_check_interval={max(1, steps // 2)}", f"data.test_dir={test_dir}",
+                    f"trainer.val_check_interval={max(1, steps // 2)}", f"data.test_root={test_dir}",
                     f"hydra.run.dir={run_dir}", f"paths.data_dir={data_dir}", "trainer.enable_progress_bar=false",
                     *(["trainer.accelerator=gpu"] if CUDA else [])], cwd=ROOT, check=True)
     return time.perf_counter() - tic

@@ -42,3 +42,23 @@ def make_cfg(data_dir, tmp_path):
 def needs_lego():
     return pytest.mark.skipif(not (LEGO / "transforms_train.json").is_file(),
                               reason=f"real lego not found at {LEGO}")
+
+
+def evaluate_run(run_dir: Path, out: Path, *overrides: str, render: str = "test", ckpt: str = "final.ckpt") -> dict:
+    """What ``python eval.py ckpt_path=<run_dir>/checkpoints/<ckpt> render=<render> <overrides>`` does, in this
+    process (into ``out``)."""
+    from src.evaluate import apply_overrides, load_run_config, repoint
+    from src.pipeline import evaluate
+
+    path = run_dir / "checkpoints" / ckpt
+    cfg, _ = load_run_config(path)
+    cfg = repoint(apply_overrides(cfg, list(overrides)), str(out))
+    return evaluate(cfg, str(path), render)
+
+
+def assert_same_test_metrics(trained: dict, evaluated: dict) -> None:
+    """Every test score of the training run (not timings) equals the evaluation's."""
+    keys = [k for k, v in trained.items() if k.startswith("test/") and isinstance(v, float) and "_s" not in k]
+    assert keys
+    for k in keys:
+        assert evaluated[k] == pytest.approx(trained[k], rel=1e-6, abs=1e-9), k

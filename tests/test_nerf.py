@@ -77,6 +77,10 @@ def test_nerf_smoke_learns(make_cfg, tmp_path):
 
     mesh = main([str(out), "--resolution", "48", "--n-points", "10000"])
     assert mesh["faces"] > 500 and mesh["chamfer"] < 0.06, mesh
+    # eval.py on its checkpoint reproduces the test scores
+    from tests.conftest import assert_same_test_metrics, evaluate_run
+
+    assert_same_test_metrics(metrics, evaluate_run(out, tmp_path / "eval"))
 
 
 # ------------------------------------------------------------------------------------------- LLFF

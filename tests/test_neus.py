@@ -239,3 +239,12 @@ def test_neus_smoke_run_improves_its_mesh(make_cfg, tmp_path):
     assert metrics["mesh/fscore"] > 2 * before["fscore"], (metrics["mesh/fscore"], before["fscore"])
     assert metrics["test/psnr"] > 18.0
     assert metrics["data/test_split"] == "test (held-out views)"
+    # eval.py on its checkpoint: the same test scores and mesh (test + orbit video, render=both)
+    from src.render.video import read_video_frames
+    from tests.conftest import assert_same_test_metrics, evaluate_run
+
+    evaluated = evaluate_run(out, tmp_path / "eval", "model.render_path_frames=2", render="both")
+    assert_same_test_metrics(metrics, evaluated)
+    assert evaluated["mesh/chamfer"] == pytest.approx(metrics["mesh/chamfer"], rel=1e-6)
+    frames, (w, h), _ = read_video_frames(tmp_path / "eval" / "render_path.mp4")
+    assert len(frames) == 2 and w == 2 * h

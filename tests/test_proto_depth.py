@@ -223,3 +223,7 @@ def test_proto_depth_smoke_lowers_the_chamfer(make_cfg, tmp_path):
     coverage = json.loads((tmp_path / "run" / "test_coverage.json").read_text())
     assert len(coverage["per_map"]) == 8 and all(sum(c) == pytest.approx(1.0) for c in coverage["per_map"])
     assert len(list((tmp_path / "run" / "test_images").glob("*_slots.png"))) == 8
+    from tests.conftest import assert_same_test_metrics, evaluate_run
+
+    assert_same_test_metrics(metrics, evaluate_run(tmp_path / "run", tmp_path / "eval"))
+    assert json.loads((tmp_path / "eval" / "test_coverage.json").read_text()) == coverage

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -301,3 +303,12 @@ def test_pu_inn_smoke_lowers_cd_and_memory_stays_flat(make_cfg, tmp_path):
     assert len(per_shape) == 2 and all(s["n_output"] == 4 * s["n_input"] == 2048 for s in per_shape)
     assert metrics["test/cd"] == pytest.approx(sum(s["test/cd"] for s in per_shape) / 2, rel=1e-6)  # both x1e-3
     assert "test/lpips" not in metrics and not any(k.startswith("kernels/") for k in metrics)
+    # eval.py scores the checkpoint on a test folder alone: no training data is read (the training file is gone)
+    from tests.conftest import assert_same_test_metrics, evaluate_run
+
+    test_root = tmp_path / "tests_only"
+    shutil.copytree(Path(cfg.data.root) / "test", test_root)
+    evaluated = evaluate_run(tmp_path / "run", tmp_path / "eval", "data.root=" + str(tmp_path / "no_such_root"),
+                             "data.generate=null", f"data.test_root={test_root}")
+    assert_same_test_metrics(metrics, evaluated)
+    assert len(json.loads((tmp_path / "eval" / "test_scores.json").read_text())) == 2

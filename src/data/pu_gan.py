@@ -195,15 +195,15 @@ class PUGANDataModule(L.LightningDataModule):
     is held out for validation.
 
     Args: batch_size: patches per step. augment: PU-GAN's augmentation of training patches. num_workers.
-        test_dir: the test inputs and meshes (default ``root/test``; e.g. the shared PU-GAN test meshes).
+        test_root: the test inputs and meshes (default ``root/test``): a folder of ``<name>.xyz`` inputs beside ``<name>.off`` meshes.
     """
 
     def __init__(self, root: str, train_file: str = "pu_patches.h5", batch_size: int = 8, val_fraction: float = 0.1,
                  augment: bool = True, generate: dict | None = None, num_workers: int = 0, seed: int = 0,
-                 test_dir: str | None = None) -> None:
+                 test_root: str | None = None) -> None:
         super().__init__()
         self.root, self.train_file, self.batch_size = Path(root), train_file, int(batch_size)
-        self.test_dir = Path(test_dir) if test_dir else self.root / "test"
+        self.test_root = Path(test_root) if test_root else self.root / "test"
         self.val_fraction, self.augment, self.generate = val_fraction, augment, generate
         self.num_workers, self.seed = num_workers, seed
         self.train_set = self.val_set = None
@@ -213,12 +213,14 @@ class PUGANDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         if self.generate is not None:
             write_pu_dataset(self.root, **self.generate)
-        elif not self.root.is_dir():
+        elif not self.root.is_dir() and not self.test_root.is_dir():  # testing alone needs only the test folder
             raise missing_root(self.root, "PU-GAN data (train/*.h5, test/*.xyz + *.off)")
 
     def setup(self, stage: str | None = None) -> None:
         self.prepare_data()
         if stage in (None, "fit", "validate") and self.train_set is None:
+            if not self.root.is_dir():
+                raise missing_root(self.root, "PU-GAN training data (train/*.h5)")
             full = PUPatches(self.root / "train" / self.train_file, augment=False, seed=self.seed)
             n_val = max(1, int(round(len(full) * self.val_fraction)))
             idx = torch.arange(len(full))
@@ -226,7 +228,7 @@ class PUGANDataModule(L.LightningDataModule):
             self.train_set = torch.utils.data.Subset(train, idx[:-n_val].tolist())
             self.val_set = torch.utils.data.Subset(full, idx[-n_val:].tolist())
         if stage in (None, "test") and self.test_shapes is None:
-            self.test_shapes = load_test_shapes(self.test_dir)
+            self.test_shapes = load_test_shapes(self.test_root)
 
     def train_dataloader(self):
         g = torch.Generator().manual_seed(self.seed)
