@@ -43,7 +43,9 @@ def main(cfg: DictConfig) -> float | None:
     run_cfg = repoint(apply_overrides(run_cfg, RUN_OVERRIDES), cfg.paths.output_dir)
     metrics = evaluate(run_cfg, str(ckpt), cfg.render,
                        source={"ckpt_path": str(ckpt), "run_dir": str(run_dir), "overrides": " ".join(RUN_OVERRIDES)})
-    value = metrics.get(run_cfg.get("optimized_metric") or "")
+    from src.metrics import optimized_metric
+
+    value = metrics.get(optimized_metric(run_cfg))
     return float(value) if isinstance(value, float) else None
 
 

@@ -8,8 +8,10 @@ from src.pipeline import run
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    from src.metrics import optimized_metric
+
     metrics = run(cfg)
-    value = metrics.get(cfg.get("optimized_metric") or "")
+    value = metrics.get(optimized_metric(cfg))
     return float(value) if isinstance(value, float) else None
 
 

@@ -170,15 +170,42 @@ def test_wandb_offline_run_holds_the_results(make_cfg, tmp_path, monkeypatch, ca
 
 def test_multirun_writes_the_sweep_summary(tmp_path, data_dir):
     sweep = tmp_path / "sweep"
-    subprocess.run([sys.executable, "train.py", "-m", "experiment=dvgo_smoke", f"paths.data_dir={data_dir}",
-                    "model.coarse.iters=20", "model.coarse.alpha_init=0.01", "model.fine.iters=10",
-                    "model.fine.pg_scale=[5]", "model.fine.num_voxels=32768,64000", f"hydra.sweep.dir={sweep}",
-                    "trainer.enable_progress_bar=false"], cwd=ROOT, check=True, capture_output=True)
+    proc = subprocess.run([sys.executable, "train.py", "-m", "experiment=dvgo_smoke", f"paths.data_dir={data_dir}",
+                           "model.coarse.iters=20", "model.coarse.alpha_init=0.01", "model.fine.iters=10",
+                           "model.fine.pg_scale=[5]", "model.fine.num_voxels=32768,64000", f"hydra.sweep.dir={sweep}",
+                           "trainer.enable_progress_bar=false"], cwd=ROOT, check=True, capture_output=True, text=True)
     summary = (sweep / "summary.md").read_text()
-    assert "| job | model.fine.num_voxels | test PSNR |" in summary
+    assert "| job | model.fine.num_voxels | test/psnr (optimised) | test/ssim | test/lpips | train" in summary
     rows = [line for line in summary.splitlines() if line.startswith("| 0 ") or line.startswith("| 1 ")]
     assert [r.split(" | ")[1] for r in rows] == ["32768", "64000"]
     assert all("failed" not in r for r in rows)
+    psnr = {n: json.loads((sweep / n / "metrics.json").read_text())["test/psnr"] for n in ("0", "1")}
+    best = max(psnr, key=psnr.get)
+    line = f"job {best} (model.fine.num_voxels={['32768', '64000'][int(best)]}): test/psnr = {psnr[best]:.6g}"
+    assert line in summary and line in proc.stdout + proc.stderr  # written and printed when the multirun ends
+
+
+def test_sweep_summary_uses_the_methods_metrics_and_direction(tmp_path):
+    """A PU-INN sweep's table shows CD / HD / P2F (not PSNR), and the best job is the lowest CD."""
+    import yaml
+
+    from src.callbacks.sweep import summarize
+
+    for num, (k, cd) in enumerate([(2, 0.9), (4, 0.7), (8, 0.8)]):
+        job = tmp_path / str(num)
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"model.net.k={k}", "experiment=pu_inn_smoke"]))
+        (job / "config.yaml").write_text(yaml.safe_dump({"model": {"_target_": "src.models.pu_inn.module.PUINNModule"},
+                                                         "optimized_metric": None}))
+        (job / "metrics.json").write_text(json.dumps({"test/cd": cd, "test/hd": 10 * cd, "test/p2f": cd / 2,
+                                                      "time/train_s": 61.0, "memory/peak_mb": 800.0}))
+    (tmp_path / "3").mkdir()  # a job that failed
+    table, best = summarize(tmp_path)
+    assert table.splitlines()[0] == ("| job | model.net.k | test/cd (optimised) | test/hd | test/p2f | train `mm:ss` "
+                                     "| peak MB | it/s |")
+    assert "| 1 | 4 | 0.7 | 7.00 | 0.35 | 01:01 | 800.00 |" in table
+    assert "| 3 |  | failed (no metrics.json) |" in table
+    assert best.endswith("job 1 (model.net.k=4): test/cd = 0.7") and "lower is better" in best
 
 
 def test_ddp_with_two_cpu_processes_writes_one_metrics_json(tmp_path, data_dir):

@@ -1,18 +1,24 @@
-"""A Hydra callback: when a multirun ends, one table of every job's setting and result.
+"""A Hydra callback: when a multirun ends, one table of every job's setting and result, and the best job.
 
-Writes ``<sweep dir>/summary.md`` (and prints it): per job, the overrides that vary across the sweep, test
-PSNR and SSIM, training wall time, peak memory and it/s, read from each job's ``metrics.json``, in the
-form of seed 000's tables. Jobs that failed (no ``metrics.json``) are listed as failed.
+Writes ``<sweep dir>/summary.md`` (and prints it): per job, the overrides that vary across the sweep, the
+method's key test metrics (its class's ``key_metrics``: DVGO / NeRF PSNR, SSIM, LPIPS; NeuS PSNR, mesh Chamfer,
+F-score; PU-INN CD, HD, P2F; Proto-Depth Chamfer, slots used) with the optimised one first, training wall time,
+peak memory and it/s, read from each job's ``metrics.json``, in the form of seed 000's tables; then the best job
+by the optimised metric (``optimized_metric``, else the method's first key metric). Jobs that failed (no
+``metrics.json``) are listed as failed.
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+
+from src.metrics import higher_is_better, key_metrics
 
 log = logging.getLogger(__name__)
 
@@ -23,28 +29,66 @@ def _mmss(seconds) -> str:
     return f"{int(seconds // 60):02d}:{int(seconds % 60):02d}"
 
 
-def summarize(sweep_dir: Path) -> str:
+def _cell(value) -> str:
+    if isinstance(value, bool) or value is None:
+        return "" if value is None else str(value)
+    if isinstance(value, (int, float)):
+        return "nan" if value != value else f"{value:.4g}" if abs(value) < 1 else f"{value:.2f}"
+    return "n/a" if str(value).startswith("unavailable") else str(value)
+
+
+def _job_config(job_dir: Path) -> dict:
+    for name in ("config.yaml", ".hydra/config.yaml"):
+        if (job_dir / name).is_file():
+            try:
+                return yaml.safe_load((job_dir / name).read_text()) or {}
+            except yaml.YAMLError:
+                continue
+    return {}
+
+
+def summarize(sweep_dir: Path) -> tuple[str, str | None]:
+    """The summary table of a sweep dir and the line naming the best job (None when no job has the metric)."""
     jobs = []
     for job_dir in sorted((p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name)):
         overrides_file = job_dir / ".hydra" / "overrides.yaml"
         overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
         metrics_file = job_dir / "metrics.json"
         metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
-        jobs.append((job_dir.name, dict(o.split("=", 1) for o in overrides if "=" in o), metrics))
-    varying = [k for k in dict.fromkeys(k for _, o, _ in jobs for k in o)
-               if len({o.get(k) for _, o, _ in jobs}) > 1] or [k for k in dict.fromkeys(k for _, o, _ in jobs for k in o)]
-    head = ["job", *varying, "test PSNR", "test SSIM", "train `mm:ss`", "peak MB", "it/s"]
+        jobs.append((job_dir.name, dict(o.split("=", 1) for o in overrides if "=" in o), metrics, _job_config(job_dir)))
+    known = [o for _, o, _, _ in jobs if o]  # a job dir without its overrides says nothing about what varies
+    all_keys = list(dict.fromkeys(k for o in known for k in o))
+    varying = [k for k in all_keys if len({o.get(k) for o in known}) > 1] or all_keys
+    # the method's metrics (one method per sweep is the common case; a sweep over methods gets the union)
+    targets = [t for t in dict.fromkeys((c.get("model") or {}).get("_target_", "") for _, _, _, c in jobs) if t]
+    optimised = next((c["optimized_metric"] for _, _, _, c in jobs if c.get("optimized_metric")), None)
+    columns = list(dict.fromkeys(m for t in targets for m in key_metrics(t)))
+    optimised = optimised or (columns[0] if columns else "test/psnr")
+    columns = [optimised, *[c for c in columns if c != optimised]]
+    head = ["job", *varying, *[f"{c} (optimised)" if c == optimised else c for c in columns],
+            "train `mm:ss`", "peak MB", "it/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for num, overrides, m in jobs:
+    scored = []
+    for num, overrides, m, _ in jobs:
         cells = [num, *[str(overrides.get(k, "")) for k in varying]]
         if m is None:
-            cells += ["failed (no metrics.json)", "", "", "", ""]
+            cells += ["failed (no metrics.json)", *[""] * (len(columns) + 2)]
         else:
-            cells += [f"{m.get('test/psnr', float('nan')):.2f}", f"{m.get('test/ssim', float('nan')):.3f}",
-                      _mmss(m.get("time/train_s", float("nan"))), f"{m.get('memory/peak_mb', float('nan')):.0f}",
-                      str(m.get("throughput/it_s", ""))]
+            cells += [_cell(m.get(c)) for c in columns]
+            cells += [_mmss(m.get("time/train_s", float("nan"))), _cell(m.get("memory/peak_mb")),
+                      _cell(m.get("throughput/it_s"))]
+            value = m.get(optimised)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                scored.append((value, num, overrides))
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    best = None
+    if scored:
+        pick = max if higher_is_better(optimised) else min
+        value, num, overrides = pick(scored, key=lambda s: s[0])
+        setting = ", ".join(f"{k}={overrides.get(k, '')}" for k in varying)
+        best = (f"best job by {optimised} ({'higher' if higher_is_better(optimised) else 'lower'} is better): "
+                f"job {num} ({setting}): {optimised} = {value:.6g}")
+    return "\n".join(lines), best
 
 
 class SweepSummary(Callback):
@@ -52,6 +96,8 @@ class SweepSummary(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         if not sweep_dir.is_dir():
             return
-        table = summarize(sweep_dir)
-        (sweep_dir / "summary.md").write_text(f"Sweep {sweep_dir}\n\n{table}\n")
+        table, best = summarize(sweep_dir)
+        (sweep_dir / "summary.md").write_text(f"Sweep {sweep_dir}\n\n{table}\n" + (f"\n{best}\n" if best else ""))
         log.info("sweep summary (%s):\n%s", sweep_dir / "summary.md", table)
+        if best:
+            log.info(best)

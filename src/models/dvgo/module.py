@@ -67,6 +67,9 @@ class DVGOModule(RenderMixin, L.LightningModule):
     checked every ``log_every`` steps and before every checkpoint (on a CPU it is checked every step).
     """
 
+    #: the scores the method is judged by (sweep summaries; the first is what a sweep optimises by default)
+    key_metrics = ("test/psnr", "test/ssim", "test/lpips")
+
     def __init__(self, coarse: dict, fine: dict, n_rand: int, lr_density: float, lr_k0: float, lr_rgbnet: float,
                  lrate_decay: float, stepsize: float, bbox_thres: float, mask_cache_thres: float,
                  decay_after_scale: float, weight_distortion: float, rgbnet_depth: int, rgbnet_width: int,

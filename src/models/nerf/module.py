@@ -33,6 +33,9 @@ class NeRFModule(RenderMixin, L.LightningModule):
             NeRF's spiral; object scenes: an orbit) into ``render_path.mp4`` (rgb | depth) in the run dir (0: off).
     """
 
+    #: the scores the method is judged by (sweep summaries; the first is what a sweep optimises by default)
+    key_metrics = ("test/psnr", "test/ssim", "test/lpips")
+
     def __init__(self, n_rand: int = 1024, n_samples: int = 64, n_importance: int = 128, perturb: bool = True,
                  lindisp: bool = False, raw_noise_std: float = 0.0, lr: float = 5e-4, lrate_decay: int = 250,
                  netdepth: int = 8, netwidth: int = 256, netdepth_fine: int = 8, netwidth_fine: int = 256,

@@ -78,6 +78,9 @@ class NeuSModule(RenderMixin, L.LightningModule):
             ``render_path.mp4`` (rgb | depth) in the run dir (0: off).
     """
 
+    #: the scores the method is judged by (sweep summaries; the first is what a sweep optimises by default)
+    key_metrics = ("test/psnr", "mesh/chamfer", "mesh/fscore")
+
     def __init__(self, batch_size: int = 512, n_samples: int = 64, n_importance: int = 64, up_sample_steps: int = 4,
                  n_outside: int = 0, perturb: float = 1.0, lr: float = 5e-4, lr_alpha: float = 0.05,
                  warm_up_end: int = 5000, end_iter: int = 300000, anneal_end: int = 0, igr_weight: float = 0.1,

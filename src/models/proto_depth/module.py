@@ -30,6 +30,9 @@ class ProtoDepthModule(L.LightningModule):
     looped_transform: use the looped reference transform (slow; for checks). dense_chamfer: all-pairs
     instead of KNN (the reference). eval_samples_per_slot: points per slot when scoring."""
 
+    #: the scores the method is judged by (sweep summaries; the first is what a sweep optimises by default)
+    key_metrics = ("test/chamfer", "test/slots_used")
+
     def __init__(self, net: dict | None = None, samples_per_slot: int = 200, k_nearest: int = 3, w_target: float = 1.0,
                  w_slot: float = 1.0, w_repulse: float = 0.1, repulse_margin: float = 0.2, w_edge: float = 1.0,
                  w_normal: float = 0.01, w_laplacian: float = 0.1, lr: float = 1e-3, iters: int = 20000,

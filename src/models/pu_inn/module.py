@@ -61,6 +61,9 @@ class PUINNModule(L.LightningModule):
     patches. gt_points: size of the even ground-truth sample of each test mesh (default r x the input: 8192 for
     2048 inputs); gt_oversample: area samples per ground-truth point before farthest-point thinning."""
 
+    #: the scores the method is judged by (sweep summaries; the first is what a sweep optimises by default)
+    key_metrics = ("test/cd", "test/hd", "test/p2f")
+
     def __init__(self, net: dict | None = None, lr: float = 1e-3, weight_decay: float = 0.0,
                  lr_decay_every: int = 20000, lr_decay: float = 0.5, w_cd: float = 1.0, w_emd: float = 0.0,
                  w_nll: float = 0.01, iters: int = 100000, patch_size: int = 256, gt_points: int | None = None,
