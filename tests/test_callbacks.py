@@ -219,3 +219,11 @@ def test_ddp_with_two_cpu_processes_writes_one_metrics_json(tmp_path, data_dir):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["train/steps"] == 140 and metrics["test/psnr"] > 12
     assert "parameters identical across 2 ranks" in (out / "train.log").read_text()
+    # the 3 test views split over 2 ranks (the sampler pads them to 4): the scores are over the 3 unique views,
+    # equal to testing the same checkpoint in one process
+    from tests.conftest import evaluate_run
+
+    one = evaluate_run(out, tmp_path / "one", "trainer=cpu")
+    assert [r["view"] for r in json.loads((out / "test_scores.json").read_text())] == [0, 1, 2]
+    assert abs(metrics["test/psnr"] - one["test/psnr"]) < 1e-4, (metrics["test/psnr"], one["test/psnr"])
+    assert metrics["test/ssim"] == pytest.approx(one["test/ssim"], abs=1e-6)
