@@ -107,13 +107,12 @@ def share_cores_in_parallel_sweeps() -> int | None:
     than running them one after another. Returns the threads set, or None outside such a sweep."""
     try:
         from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
 
         hc = HydraConfig.get()
     except (ImportError, ValueError):
         return None
-    launcher = hc.launcher
-    if hc.mode != RunMode.MULTIRUN or "joblib" not in str(launcher.get("_target_", "")).lower():
+    launcher = hc.get("launcher") or {}
+    if not str(hc.get("mode")).endswith("MULTIRUN") or "joblib" not in str(launcher.get("_target_", "")).lower():
         return None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     n_jobs = int(launcher.get("n_jobs") or -1)

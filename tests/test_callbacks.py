@@ -227,3 +227,29 @@ def test_ddp_with_two_cpu_processes_writes_one_metrics_json(tmp_path, data_dir):
     assert [r["view"] for r in json.loads((out / "test_scores.json").read_text())] == [0, 1, 2]
     assert abs(metrics["test/psnr"] - one["test/psnr"]) < 1e-4, (metrics["test/psnr"], one["test/psnr"])
     assert metrics["test/ssim"] == pytest.approx(one["test/ssim"], abs=1e-6)
+
+
+def test_joblib_sweep_jobs_get_their_share_of_the_cores(monkeypatch):
+    """In a ``hydra/launcher=joblib`` multirun each job takes cores // n_jobs torch threads (two jobs that each
+    take every core of a 2-core machine run 3.4x slower than one after the other: bench/sweep_parallel.py)."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from src.loggers import share_cores_in_parallel_sweeps
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setenv("OMP_NUM_THREADS", str(before))
+    hc = HydraConfig.instance()
+    saved = hc.cfg
+    try:
+        for n_jobs, want in ((2, 4), (3, 2), (-1, 1), (16, 1)):
+            hc.cfg = OmegaConf.create({"hydra": {"mode": "MULTIRUN", "launcher": {
+                "_target_": "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher", "n_jobs": n_jobs}}})
+            assert share_cores_in_parallel_sweeps() == want and torch.get_num_threads() == want, n_jobs
+        hc.cfg = OmegaConf.create({"hydra": {"mode": "MULTIRUN", "launcher": {
+            "_target_": "hydra._internal.core_plugins.basic_launcher.BasicLauncher"}}})
+        assert share_cores_in_parallel_sweeps() is None  # one job at a time: every core
+    finally:
+        hc.cfg = saved
+        torch.set_num_threads(before)
