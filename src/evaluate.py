@@ -74,12 +74,14 @@ def apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
 
 def repoint(cfg: DictConfig, out_dir: str) -> DictConfig:
     """Point the config at the new run dir: ``paths.output_dir``, and for a resolved saved config every path
-    under the old run dir (loggers, checkpoints; an evaluation writes no checkpoint)."""
+    under the old run dir (loggers); no checkpoint callback (an evaluation trains nothing)."""
     old = cfg.get("hydra_saved_output_dir")
     with open_dict(cfg):
         del cfg["hydra_saved_output_dir"]
         cfg.paths.output_dir = out_dir
         cfg.ckpt_path = None
+        if cfg.get("callbacks") is not None and "model_checkpoint" in cfg.callbacks:
+            del cfg.callbacks["model_checkpoint"]
     if old:
         def walk(node):
             for k in list(node.keys()) if isinstance(node, DictConfig) else range(len(node)):

@@ -160,17 +160,19 @@ def evaluate(cfg: DictConfig, ckpt_path: str, render: str = "test", source: dict
         model.hparams.render_path_frames = 0  # the video is rendered below, when asked, not after testing
     trainer = _trainer(cfg, out_dir, max_steps=-1)
     metrics: dict = {f"eval/{k}": v for k, v in (source or {}).items()}
+    # the weights as trainer.test(ckpt_path=...) would load them (the module's own hook first: DVGO reshapes its
+    # grids), without restoring the training callbacks' state, which an evaluation has no use for
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    model.on_load_checkpoint(ckpt)
+    model.load_state_dict(ckpt["state_dict"])
+    del ckpt
     if render in ("test", "both"):
-        trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
+        trainer.test(model, datamodule=datamodule, verbose=False)
         metrics.update(_test_metrics(trainer))
     if render in ("path", "both"):
         if not hasattr(model, "render_path_video"):
             raise ValueError(f"render={render}: {type(model).__name__} renders no camera path (image methods do)")
-        if render == "path":  # the weights, as trainer.test would have loaded them
-            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-            model.on_load_checkpoint(ckpt)
-            model.load_state_dict(ckpt["state_dict"])
-            model.to(trainer.strategy.root_device)
+        model.to(trainer.strategy.root_device)
         if trainer.is_global_zero:
             tic = time.perf_counter()
             path = model.render_path_video(datamodule, frames, out_dir, wandb_loggers(trainer))

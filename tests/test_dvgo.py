@@ -74,6 +74,24 @@ def test_eval_of_the_checkpoint_reproduces_the_test_metrics_and_renders_the_orbi
     assert np.abs(frames[0][:, :40].astype(float) - first).mean() < 3.0  # H.264 at quality 8: a few levels
 
 
+def test_eval_command_line_takes_overrides_of_the_saved_config(smoke_run, tmp_path):
+    """`python eval.py ckpt_path=... data.test_split=val`: the override reaches the run's config (not eval.py's),
+    the results land in hydra.run.dir, and nothing of Lightning's checkpoint-restoring notices is printed."""
+    import subprocess
+    import sys
+
+    out, trained = smoke_run
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "eval.py", f"ckpt_path={out / 'checkpoints' / 'final.ckpt'}",
+                           "data.test_split=val", "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path / 'e'}"],
+                          cwd=root, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert metrics["test/psnr"] == pytest.approx(trained["val/psnr"], rel=1e-6)
+    assert metrics["eval/overrides"] == "data.test_split=val trainer.enable_progress_bar=false"
+    assert "dirpath has changed" not in proc.stderr and "callbacks used to create the checkpoint" not in proc.stderr
+
+
 def test_resumed_run_finishes_with_the_same_result(smoke_run, make_cfg, tmp_path):
     _, full = smoke_run
     first = run(make_cfg(*SMOKE, "trainer.max_steps=200", out=tmp_path / "killed"))  # 'killed' after step 200
