@@ -194,14 +194,24 @@ class PUGANDataModule(L.LightningDataModule):
     ``generate`` set, the generated dataset is written there first. The last ``val_fraction`` of the patches
     is held out for validation.
 
+    Training inputs: ``input_sampling=nonuniform`` (default) draws ``input_points`` of each ``poisson_1024`` patch
+    afresh for every item by PU-GAN's ``nonuniform_sampling`` (``random``: a random subset, as PU-Flow; ``fps``:
+    an even one; see :mod:`src.data.mesh_patches`), as PU-GAN's training loader does; ``file`` reads the fixed
+    ``poisson_256`` inputs of the file instead. Validation inputs are drawn once (fixed).
+
     Args: batch_size: patches per step. augment: PU-GAN's augmentation of training patches. num_workers.
         test_root: the test inputs and meshes (default ``root/test``): a folder of ``<name>.xyz`` inputs beside ``<name>.off`` meshes.
     """
 
     def __init__(self, root: str, train_file: str = "pu_patches.h5", batch_size: int = 8, val_fraction: float = 0.1,
                  augment: bool = True, generate: dict | None = None, num_workers: int = 0, seed: int = 0,
-                 test_root: str | None = None) -> None:
+                 test_root: str | None = None, input_sampling: str = "nonuniform", input_points: int = 256) -> None:
         super().__init__()
+        if input_sampling != "file":
+            from src.data.mesh_patches import draw_input
+
+            draw_input(8, 4, input_sampling, torch.Generator().manual_seed(0), torch.zeros(8, 3))  # names a bad mode
+        self.input_sampling, self.input_points = input_sampling, int(input_points)
         self.root, self.train_file, self.batch_size = Path(root), train_file, int(batch_size)
         self.test_root = Path(test_root) if test_root else self.root / "test"
         self.val_fraction, self.augment, self.generate = val_fraction, augment, generate
@@ -224,13 +234,25 @@ class PUGANDataModule(L.LightningDataModule):
             full = PUPatches(self.root / "train" / self.train_file, augment=False, seed=self.seed)
             n_val = max(1, int(round(len(full) * self.val_fraction)))
             idx = torch.arange(len(full))
-            train = PUPatches(self.root / "train" / self.train_file, augment=self.augment, seed=self.seed)
-            self.train_set = torch.utils.data.Subset(train, idx[:-n_val].tolist())
-            self.val_set = torch.utils.data.Subset(full, idx[-n_val:].tolist())
+            if self.input_sampling == "file":
+                train = PUPatches(self.root / "train" / self.train_file, augment=self.augment, seed=self.seed)
+                self.train_set = torch.utils.data.Subset(train, idx[:-n_val].tolist())
+                self.val_set = torch.utils.data.Subset(full, idx[-n_val:].tolist())
+            else:
+                from src.data.mesh_patches import PatchDraws
+
+                dense = torch.stack([normalize_unit_sphere(d)[0] for d in full.dense])
+                self.train_set = PatchDraws(dense[:-n_val], self.input_points, self.input_sampling, self.seed,
+                                            self.augment, passes=10**6)
+                self.val_set = PatchDraws(dense[-n_val:], self.input_points, self.input_sampling, self.seed + 1,
+                                          False, passes=1, shuffle=False)
         if stage in (None, "test") and self.test_shapes is None:
             self.test_shapes = load_test_shapes(self.test_root)
 
     def train_dataloader(self):
+        if self.input_sampling != "file":  # PatchDraws shuffles the patches itself, per pass, from the seed
+            return torch.utils.data.DataLoader(self.train_set, batch_size=self.batch_size, shuffle=False,
+                                               num_workers=self.num_workers, drop_last=True)
         g = torch.Generator().manual_seed(self.seed)
         sampler = torch.utils.data.RandomSampler(self.train_set, replacement=True, num_samples=10**9, generator=g)
         return torch.utils.data.DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler,

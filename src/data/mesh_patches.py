@@ -1,0 +1,273 @@
+"""Training patches for point-cloud upsampling made from any folder of meshes, by PU-GAN's protocol.
+
+Per mesh (OBJ / OFF / PLY read by trimesh, polygons triangulated on load): ``points_per_mesh`` even surface
+samples (area-uniform samples thinned by farthest-point sampling: close to the Poisson-disk sample PU-GAN
+takes with its mesh tools), in the mesh's unit-sphere frame; ``patches_per_mesh`` seeds spread by
+farthest-point sampling; each patch the ``patch_points`` samples nearest to its seed, ordered by distance to it
+and normalised to the unit sphere (centroid, furthest distance): the dense target. With the defaults (8192
+points a mesh, 1024-point patches) a patch is an eighth of the surface, as a 256-point test patch of a
+2048-point PU-GAN input.
+
+The sparse input (``input_points`` of the patch) is drawn afresh for every item: ``nonuniform`` is PU-GAN's
+``nonuniform_sampling`` (indices normally distributed, sigma 0.3 of the patch, around a random place in the
+patch's distance-to-seed order, so the density falls off across the patch as in PU-GAN's inputs), ``random`` a
+uniform random subset (PU-Flow), ``fps`` a farthest-point subset (even: the old generated patches' way). The
+draw is a pure function of (seed, item number): the same run draws the same inputs, resumed or not.
+
+The patches are cached on disk on first use (``cache_dir``, one file per setting and mesh set, named by a hash
+of both and a format version), so later runs skip the sampling.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from src.data.errors import DataError, missing_root
+from src.data.pu_gan import load_test_shapes
+from src.geometry.pu_metrics import farthest_point_sample, normalize_unit_sphere
+
+log = logging.getLogger(__name__)
+
+MESH_SUFFIXES = (".obj", ".off", ".ply")
+CACHE_VERSION = 1
+
+
+def read_mesh(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Vertices (V, 3) float64 and triangles (F, 3) int64 of an OBJ / OFF / PLY file (quads and polygons
+    triangulated by trimesh); a file that is not a usable triangle mesh raises :class:`DataError` naming it."""
+    import trimesh
+
+    path = Path(path)
+    if path.suffix.lower() not in MESH_SUFFIXES:
+        raise DataError(f"{path}: not a mesh file this loader reads ({', '.join(MESH_SUFFIXES)})")
+    try:
+        mesh = trimesh.load(path, force="mesh", process=False)
+    except Exception as err:  # noqa: BLE001 - trimesh raises many types for bad files: name the file
+        raise DataError(f"{path}: cannot read the mesh ({type(err).__name__}: {err})") from err
+    verts = np.asarray(getattr(mesh, "vertices", np.zeros((0, 3))), dtype=np.float64)
+    faces = np.asarray(getattr(mesh, "faces", np.zeros((0, 3))), dtype=np.int64)
+    if len(faces) == 0 or len(verts) < 3:
+        raise DataError(f"{path}: no triangles in the file ({len(verts)} vertices, {len(faces)} faces)")
+    if not np.isfinite(verts).all():
+        raise DataError(f"{path}: non-finite vertex coordinates")
+    area = np.linalg.norm(np.cross(verts[faces[:, 1]] - verts[faces[:, 0]], verts[faces[:, 2]] - verts[faces[:, 0]]), axis=1)
+    if not area.sum() > 0:
+        raise DataError(f"{path}: every triangle is degenerate (zero area)")
+    return verts, faces
+
+
+def even_points(verts: np.ndarray, faces: np.ndarray, n: int, seed: int, oversample: int = 4) -> torch.Tensor:
+    """``n`` even samples of a mesh: ``oversample * n`` area-uniform samples thinned by farthest-point sampling
+    (started at a seeded random sample), (n, 3) float32."""
+    from src.geometry.mesh import sample_surface
+
+    dense = sample_surface(verts, faces, oversample * n, seed=seed).float()
+    start = int(torch.randint(oversample * n, (1,), generator=torch.Generator().manual_seed(seed)))
+    return dense[farthest_point_sample(dense, n, start=start)]
+
+
+def mesh_patches(verts: np.ndarray, faces: np.ndarray, points_per_mesh: int, patches_per_mesh: int,
+                 patch_points: int, seed: int) -> torch.Tensor:
+    """(patches_per_mesh, patch_points, 3) float32 patches of one mesh, each ordered by distance to its seed and
+    normalised to the unit sphere (see the module docstring)."""
+    centre = (verts.max(0) + verts.min(0)) / 2
+    verts = (verts - centre) / np.linalg.norm(verts - centre, axis=1).max()  # the mesh's own unit sphere
+    cloud = even_points(verts, faces, points_per_mesh, seed)
+    seeds = farthest_point_sample(cloud, patches_per_mesh, start=seed % points_per_mesh)
+    near = torch.cdist(cloud[seeds], cloud).topk(patch_points, largest=False).indices  # sorted: nearest first
+    return torch.stack([normalize_unit_sphere(cloud[idx])[0] for idx in near])
+
+
+def draw_input(patch_points: int, input_points: int, mode: str, generator: torch.Generator,
+               patch: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices (input_points,) of the sparse input within a patch of ``patch_points`` (ordered by distance to its
+    seed): ``nonuniform`` (PU-GAN), ``random`` or ``fps`` (needs ``patch``)."""
+    if mode == "random":
+        return torch.randperm(patch_points, generator=generator)[:input_points]
+    if mode == "fps":
+        start = int(torch.randint(patch_points, (1,), generator=generator))
+        return farthest_point_sample(patch, input_points, start=start)
+    if mode != "nonuniform":
+        raise ValueError(f"data.input_sampling must be nonuniform, random or fps, got {mode!r}")
+    # PU-GAN's nonuniform_sampling: loc ~ U(0.1, 0.9), indices ~ N(loc, 0.3) x n, distinct, inside the patch
+    loc = float(torch.rand((), generator=generator)) * 0.8 + 0.1
+    taken = torch.zeros(patch_points, dtype=torch.bool)
+    picked: list[torch.Tensor] = []
+    count = 0
+    while count < input_points:
+        a = ((torch.randn(4 * input_points, generator=generator) * 0.3 + loc) * patch_points).floor().long()
+        a = a[(a >= 0) & (a < patch_points)]
+        for i in a.tolist():  # first occurrences, in draw order (as PU-GAN's set fills)
+            if not taken[i]:
+                taken[i] = True
+                picked.append(i)
+                count += 1
+                if count == input_points:
+                    break
+    return torch.tensor(picked, dtype=torch.long)
+
+
+def augment(sparse: torch.Tensor, dense: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """PU-GAN's augmentation: a random rotation, scaling in [0.8, 1.2], input jitter (sigma 0.005, clip 0.015)."""
+    q, r = torch.linalg.qr(torch.randn(3, 3, generator=g))
+    rot = q * torch.sign(torch.diagonal(r))
+    s = float(torch.empty(1).uniform_(0.8, 1.2, generator=g))
+    sparse, dense = sparse @ rot.T * s, dense @ rot.T * s
+    return sparse + (torch.randn(sparse.shape, generator=g) * 0.005).clamp(-0.015, 0.015), dense
+
+
+class PatchDraws(Dataset):
+    """Items ``j = 0, 1, 2, ...`` over patches (N, patch_points, 3): item j is patch ``perm_e[j mod N]`` (a fresh
+    permutation each pass ``e = j // N``) with an input drawn for that item alone, both from ``(seed, j)``.
+    ``passes``: how many passes the dataset spans (its length is ``passes * N``)."""
+
+    def __init__(self, patches: torch.Tensor, input_points: int, mode: str, seed: int, augment: bool,
+                 passes: int = 1, shuffle: bool = True) -> None:
+        self.patches, self.input_points, self.mode, self.seed = patches, int(input_points), mode, int(seed)
+        self.augment, self.passes, self.shuffle = augment, int(passes), shuffle
+        self._perm: tuple[int, torch.Tensor] | None = None
+        draw_input(patches.shape[1], min(4, patches.shape[1]), mode, torch.Generator().manual_seed(0), patches[0])
+
+    def __len__(self) -> int:
+        return self.passes * self.patches.shape[0]
+
+    def patch_of(self, j: int) -> int:
+        n = self.patches.shape[0]
+        if not self.shuffle:
+            return j % n
+        e = j // n
+        if self._perm is None or self._perm[0] != e:
+            self._perm = (e, torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 7_919 + e)))
+        return int(self._perm[1][j % n])
+
+    def __getitem__(self, j: int) -> dict[str, torch.Tensor]:
+        i = self.patch_of(j)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + j)
+        dense = self.patches[i]
+        sparse = dense[draw_input(dense.shape[0], self.input_points, self.mode, g, dense)]
+        if self.augment:
+            sparse, dense = augment(sparse, dense, g)
+        return {"sparse": sparse, "dense": dense, "index": i}
+
+
+def nn_spacing_cv(points: torch.Tensor) -> float:
+    """Coefficient of variation (std / mean) of each point's distance to its nearest neighbour: about 0.1 for an
+    even (farthest-point) sample, about 0.3 for PU-GAN's test inputs."""
+    d = torch.cdist(points.double(), points.double())
+    d.fill_diagonal_(float("inf"))
+    nn = d.amin(1)
+    return float(nn.std() / nn.mean())
+
+
+class MeshPatchesDataModule(L.LightningDataModule):
+    """``data=mesh_patches data.root=MESHES data.test_root=TESTS``: training patches from every OBJ / OFF / PLY
+    under ``root`` (module docstring), validation on the patches of the last ``val_meshes`` meshes (inputs drawn
+    once, fixed), testing on PU-GAN test pairs in ``test_root`` (``<name>.xyz`` inputs beside ``<name>.off``).
+
+    Args: points_per_mesh, patches_per_mesh, patch_points, input_points: the protocol's sizes (PU-GAN: 200
+        patches a mesh, 1024 -> 256). input_sampling: nonuniform | random | fps. augment: PU-GAN's augmentation.
+        batch_size, num_workers, seed. cache_dir: where the patches are cached (default ``root/.patch_cache``).
+    """
+
+    def __init__(self, root: str, test_root: str | None = None, points_per_mesh: int = 8192,
+                 patches_per_mesh: int = 200, patch_points: int = 1024, input_points: int = 256,
+                 input_sampling: str = "nonuniform", augment: bool = True, val_meshes: int = 1, batch_size: int = 8,
+                 num_workers: int = 0, seed: int = 0, cache_dir: str | None = None) -> None:
+        super().__init__()
+        for key, value in dict(points_per_mesh=points_per_mesh, patches_per_mesh=patches_per_mesh,
+                               patch_points=patch_points, input_points=input_points, batch_size=batch_size).items():
+            if not value > 0:
+                raise ValueError(f"data.{key} must be > 0, got {value!r}")
+        if not input_points <= patch_points <= points_per_mesh:
+            raise ValueError(f"data.input_points ({input_points}) <= data.patch_points ({patch_points}) <= "
+                             f"data.points_per_mesh ({points_per_mesh}) must hold")
+        draw_input(8, 4, input_sampling, torch.Generator().manual_seed(0), torch.zeros(8, 3))  # names a bad mode
+        self.root = Path(root)
+        self.test_root = Path(test_root) if test_root else None
+        self.sizes = dict(points_per_mesh=int(points_per_mesh), patches_per_mesh=int(patches_per_mesh),
+                          patch_points=int(patch_points))
+        self.input_points, self.input_sampling, self.augment = int(input_points), input_sampling, augment
+        self.val_meshes, self.batch_size, self.num_workers, self.seed = int(val_meshes), int(batch_size), num_workers, int(seed)
+        self.cache_dir = Path(cache_dir) if cache_dir else self.root / ".patch_cache"
+        self.train_set = self.val_set = None
+        self.test_shapes: list[dict] | None = None
+        self.test_split_used = "test"
+
+    def mesh_files(self) -> list[Path]:
+        files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in MESH_SUFFIXES and p.is_file()
+                       and self.cache_dir not in p.parents)
+        if not files:
+            raise DataError(f"no mesh files ({', '.join(MESH_SUFFIXES)}) under {self.root}")
+        return files
+
+    def prepare_data(self) -> None:
+        if not self.root.is_dir() and (self.test_root is None or not self.test_root.is_dir()):
+            raise missing_root(self.root, "folder of training meshes (OBJ / OFF / PLY)")
+
+    def patches(self) -> tuple[torch.Tensor, list[str]]:
+        """(n_meshes, patches_per_mesh, patch_points, 3) patches of every mesh and the mesh names, from the cache
+        when it holds this setting (its key: the sizes, the seed, each file's name, size and mtime, the format
+        version), else made and cached."""
+        files = self.mesh_files()
+        key = {"version": CACHE_VERSION, "seed": self.seed, **self.sizes,
+               "files": [[str(f.relative_to(self.root)), f.stat().st_size, int(f.stat().st_mtime)] for f in files]}
+        digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        path = self.cache_dir / f"patches_v{CACHE_VERSION}_{digest}.pt"
+        if path.is_file():
+            saved = torch.load(path, weights_only=True)
+            if saved.get("key") == json.dumps(key, sort_keys=True):
+                return saved["patches"], saved["names"]
+        out = []
+        for k, f in enumerate(files):
+            verts, faces = read_mesh(f)
+            out.append(mesh_patches(verts, faces, **self.sizes, seed=self.seed * 1_000 + k))
+            log.info("patches of %s: %d x %d points (%d of %d meshes)", f.name, *out[-1].shape[:2], k + 1, len(files))
+        patches, names = torch.stack(out), [f.stem for f in files]
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"key": json.dumps(key, sort_keys=True), "patches": patches, "names": names}, tmp)
+        tmp.replace(path)
+        log.info("cached %d patches of %d meshes in %s", patches.shape[0] * patches.shape[1], len(files), path)
+        return patches, names
+
+    def setup(self, stage: str | None = None) -> None:
+        self.prepare_data()
+        if stage in (None, "fit", "validate") and self.train_set is None:
+            if not self.root.is_dir():
+                raise missing_root(self.root, "folder of training meshes (OBJ / OFF / PLY)")
+            patches, names = self.patches()
+            n_val = min(self.val_meshes, len(names) - 1)
+            train, val = patches[: len(names) - n_val], patches[len(names) - n_val:]
+            if n_val > 0:
+                log.info("validation meshes: %s", ", ".join(names[len(names) - n_val:]))
+            else:
+                val = patches[-1:]
+            self.train_set = PatchDraws(train.flatten(0, 1), self.input_points, self.input_sampling, self.seed,
+                                        self.augment, passes=10**6)
+            self.val_set = PatchDraws(val.flatten(0, 1), self.input_points, self.input_sampling, self.seed + 1,
+                                      False, passes=1, shuffle=False)
+        if stage in (None, "test") and self.test_shapes is None:
+            if self.test_root is None:
+                raise DataError("data.test_root is not set: point it at a folder of PU-GAN test pairs "
+                                "(<name>.xyz inputs beside <name>.off meshes)")
+            if not self.test_root.is_dir():
+                raise missing_root(self.test_root, "PU-GAN test pairs (<name>.xyz beside <name>.off)")
+            self.test_shapes = load_test_shapes(self.test_root)
+
+    def train_dataloader(self):
+        # items in order: PatchDraws shuffles the patches itself, per pass, from the seed (deterministic per seed)
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
+                          drop_last=True)
+
+    def val_dataloader(self):
+        return DataLoader(self.val_set, batch_size=self.batch_size, num_workers=self.num_workers)
+
+    def test_dataloader(self):
+        return DataLoader(self.test_shapes, batch_size=None, collate_fn=lambda x: x)

@@ -1,0 +1,146 @@
+"""``data=mesh_patches``: PU-GAN's training protocol on any folder of meshes (src/data/mesh_patches.py)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from src.data.errors import DataError
+from src.data.mesh_patches import MeshPatchesDataModule, PatchDraws, draw_input, nn_spacing_cv, read_mesh
+from src.data.pu_gan import torus, write_off
+from tests.conftest import SHARED_DATA
+
+def _dist_to(points: torch.Tensor, cloud: torch.Tensor) -> torch.Tensor:
+    """Exact distance of each point to its nearest point of ``cloud`` (cdist's matmul form is ~1e-4 off at 0)."""
+    return (points[:, None] - cloud[None]).norm(dim=-1).amin(1)
+
+
+SMALL = dict(points_per_mesh=512, patches_per_mesh=4, patch_points=128, input_points=32, val_meshes=1, batch_size=2)
+
+
+def _quad_box_obj(path: Path) -> None:
+    """A unit cube written with quad faces (as several of the real OBJ files are)."""
+    v = [(x, y, z) for x in (0, 1) for y in (0, 1) for z in (0, 1)]
+    quads = [(1, 2, 4, 3), (5, 7, 8, 6), (1, 5, 6, 2), (3, 4, 8, 7), (1, 3, 7, 5), (2, 6, 8, 4)]
+    path.write_text("".join(f"v {x} {y} {z}\n" for x, y, z in v) + "".join(f"f {a} {b} {c} {d}\n" for a, b, c, d in quads))
+
+
+@pytest.fixture
+def mesh_folder(tmp_path) -> Path:
+    import trimesh
+
+    root = tmp_path / "meshes"
+    root.mkdir()
+    _quad_box_obj(root / "a_box.obj")
+    write_off(root / "b_torus.off", *torus())
+    trimesh.creation.icosphere(3).export(root / "c_sphere.ply")
+    return root
+
+
+def test_meshes_are_read_in_every_format_with_quads_triangulated(mesh_folder):
+    verts, faces = read_mesh(mesh_folder / "a_box.obj")
+    assert verts.shape == (8, 3) and faces.shape == (12, 3)  # 6 quads -> 12 triangles
+    assert read_mesh(mesh_folder / "b_torus.off")[1].shape == torus()[1].shape
+    assert read_mesh(mesh_folder / "c_sphere.ply")[1].shape == (1280, 3)
+
+
+def test_a_bad_mesh_file_is_named(tmp_path):
+    bad = tmp_path / "broken.obj"
+    bad.write_text("this is not a mesh\n")
+    with pytest.raises(DataError, match="broken.obj"):
+        read_mesh(bad)
+    empty = tmp_path / "empty.off"
+    empty.write_text("OFF\n0 0 0\n")
+    with pytest.raises(DataError, match="empty.off"):
+        read_mesh(empty)
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(DataError, match="notes.txt"):
+        read_mesh(tmp_path / "notes.txt")
+    dm = MeshPatchesDataModule(str(tmp_path), test_root=None, **SMALL)
+    with pytest.raises(DataError, match="broken.obj"):  # the datamodule names the file too
+        dm.setup("fit")
+
+
+def test_patches_sizes_normalisation_and_fresh_inputs(mesh_folder, tmp_path):
+    dm = MeshPatchesDataModule(str(mesh_folder), cache_dir=str(tmp_path / "cache"), **SMALL)
+    dm.setup("fit")
+    assert dm.train_set.patches.shape == (2 * 4, 128, 3) and dm.val_set.patches.shape == (4, 128, 3)  # 3rd mesh validates
+    for dense in dm.train_set.patches:  # unit sphere: centroid at 0, furthest point at distance 1
+        assert dense.mean(0).abs().max() < 1e-5 and float(dense.norm(dim=-1).max()) == pytest.approx(1.0, abs=1e-5)
+    a = dm.train_set[0]
+    assert a["sparse"].shape == (32, 3) and a["dense"].shape == (128, 3)
+    plain = PatchDraws(dm.train_set.patches, 32, "nonuniform", 0, augment=False, passes=2)
+    first = plain[3]
+    again = PatchDraws(dm.train_set.patches, 32, "nonuniform", 0, augment=False, passes=2)[3]
+    assert torch.equal(first["sparse"], again["sparse"])  # a pure function of (seed, item)
+    same_patch = [j for j in range(16) if plain.patch_of(j) == plain.patch_of(3) and j != 3][0]
+    other = plain[same_patch]
+    assert not torch.equal(first["sparse"], other["sparse"])  # drawn afresh for each item
+    for item in (first, other):  # inputs are points of their patch
+        assert _dist_to(item["sparse"], item["dense"]).max() < 1e-6
+    assert {plain.patch_of(j) for j in range(8)} == set(range(8))  # each pass visits every patch once
+    loader = dm.train_dataloader()
+    batch = next(iter(loader))
+    assert batch["sparse"].shape == (2, 32, 3) and batch["dense"].shape == (2, 128, 3)
+
+
+def test_patches_are_cached_with_a_key_and_deterministic(mesh_folder, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    first = MeshPatchesDataModule(str(mesh_folder), cache_dir=str(cache), **SMALL).patches()[0]
+    (file,) = cache.glob("patches_v1_*.pt")
+    import src.data.mesh_patches as mp
+
+    monkeypatch.setattr(mp, "mesh_patches", lambda *a, **k: (_ for _ in ()).throw(AssertionError("not cached")))
+    assert torch.equal(MeshPatchesDataModule(str(mesh_folder), cache_dir=str(cache), **SMALL).patches()[0], first)
+    monkeypatch.undo()
+    fresh = MeshPatchesDataModule(str(mesh_folder), cache_dir=str(tmp_path / "other"), **SMALL).patches()[0]
+    assert torch.equal(fresh, first)  # the same seed makes the same patches
+    other_seed = MeshPatchesDataModule(str(mesh_folder), cache_dir=str(cache), seed=1, **SMALL).patches()[0]
+    assert not torch.equal(other_seed, first) and len(list(cache.glob("patches_v1_*.pt"))) == 2  # a new key
+
+
+def test_nonuniform_inputs_are_as_uneven_as_pu_gans_test_inputs():
+    """Nearest-neighbour spacing CV of the drawn inputs: PU-GAN's nonuniform draw ~0.3-0.4 like the test inputs
+    (about 0.32 on the shared PU-GAN inputs), a farthest-point subset ~0.1 (the old generated patches)."""
+    from src.data.mesh_patches import mesh_patches
+
+    verts, faces = torus()
+    patches = mesh_patches(verts, faces, 4096, 4, 1024, seed=0)
+    cv = {m: np.mean([nn_spacing_cv(PatchDraws(patches, 256, m, 0, False)[j]["sparse"]) for j in range(8)])
+          for m in ("nonuniform", "random", "fps")}
+    assert cv["fps"] < 0.2 and 0.25 < cv["nonuniform"] < 0.5 and 0.25 < cv["random"] < 0.5, cv
+    test_dir = SHARED_DATA / "pu_gan" / "test"
+    if test_dir.is_dir():  # the real test inputs, when ../shared/data has them
+        from src.data.pu_gan import load_test_shapes
+
+        real = np.mean([nn_spacing_cv(s["input"]) for s in load_test_shapes(test_dir)])
+        assert abs(cv["nonuniform"] - real) < 0.1, (cv, real)
+
+
+def test_input_sampling_modes_and_bad_mode():
+    g = torch.Generator().manual_seed(0)
+    idx = draw_input(1024, 256, "nonuniform", g)
+    assert len(idx) == 256 == len(set(idx.tolist())) and idx.min() >= 0 and idx.max() < 1024
+    with pytest.raises(ValueError, match="input_sampling"):
+        MeshPatchesDataModule("/nowhere", input_sampling="poisson")
+
+
+def test_pu_gan_data_draws_its_inputs_from_poisson_1024(tmp_path):
+    from src.data.pu_gan import PUGANDataModule
+
+    dm = PUGANDataModule(str(tmp_path / "pu"), generate={"n_meshes": 2, "patches_per_mesh": 4, "n_test": 1,
+                                                        "n_test_points": 256}, augment=False)
+    dm.setup("fit")
+    a, b = dm.train_set[0], dm.train_set[dm.train_set.patches.shape[0]]
+    assert a["sparse"].shape == (256, 3) and a["dense"].shape == (1024, 3)
+    assert _dist_to(a["sparse"], a["dense"]).max() < 1e-6
+    same = [j for j in range(1, 16) if dm.train_set.patch_of(j) == dm.train_set.patch_of(0)][0]
+    assert not torch.equal(dm.train_set[same]["sparse"], a["sparse"])
+
+
+def test_mesh_patches_config_composes_and_points_at_the_data_layout(make_cfg):
+    cfg = make_cfg("model=pu_inn", "data=mesh_patches")
+    assert cfg.data.root.endswith("/pu_train_meshes") and cfg.data.test_root.endswith("/PU-GAN/test")
+    assert cfg.data.input_sampling == "nonuniform" and cfg.data.patch_points == 1024 and cfg.data.input_points == 256
