@@ -78,17 +78,17 @@ def repoint(cfg: DictConfig, out_dir: str) -> DictConfig:
     old = cfg.get("hydra_saved_output_dir")
     with open_dict(cfg):
         del cfg["hydra_saved_output_dir"]
+    if old:  # a resolved config: every path inside the old run dir moves to the new one
+        def walk(node):
+            for k in list(node.keys()) if isinstance(node, DictConfig) else range(len(node)):
+                if OmegaConf.is_config(node._get_node(k)):
+                    walk(node[k])
+                elif isinstance(node[k], str) and (node[k] == old or node[k].startswith(old.rstrip("/") + "/")):
+                    node[k] = out_dir + node[k][len(old.rstrip("/")):]
+        walk(cfg)
+    with open_dict(cfg):
         cfg.paths.output_dir = out_dir
         cfg.ckpt_path = None
         if cfg.get("callbacks") is not None and "model_checkpoint" in cfg.callbacks:
             del cfg.callbacks["model_checkpoint"]
-    if old:
-        def walk(node):
-            for k in list(node.keys()) if isinstance(node, DictConfig) else range(len(node)):
-                v = node._get_node(k)
-                if OmegaConf.is_config(v):
-                    walk(v)
-                elif isinstance(node[k], str) and node[k].startswith(old):
-                    node[k] = out_dir + node[k][len(old):]
-        walk(cfg)
     return cfg

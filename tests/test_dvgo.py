@@ -52,6 +52,7 @@ def test_eval_of_the_checkpoint_reproduces_the_test_metrics_and_renders_the_orbi
     from tests.conftest import assert_same_test_metrics, evaluate_run
 
     out, trained = smoke_run
+    untouched = {f: f.stat().st_mtime_ns for f in out.rglob("*") if f.is_file()}
     evaluated = evaluate_run(out, tmp_path / "eval")
     assert_same_test_metrics(trained, evaluated)
     rows = json.loads((tmp_path / "eval" / "test_scores.json").read_text())
@@ -59,6 +60,16 @@ def test_eval_of_the_checkpoint_reproduces_the_test_metrics_and_renders_the_orbi
     assert sum(r["test/psnr"] for r in rows) / 3 == pytest.approx(trained["test/psnr"], rel=1e-9)
     assert len(list((tmp_path / "eval" / "test_images").glob("*_rgb.png"))) == 3
     assert not (tmp_path / "eval" / "checkpoints").exists() and (out / "checkpoints" / "final.ckpt").is_file()
+
+    # a run dir holding only the resolved config.yaml (no .hydra/): its paths move to the new run dir
+    import shutil
+
+    bare = tmp_path / "bare_run"
+    shutil.copytree(out / "checkpoints", bare / "checkpoints")
+    shutil.copy(out / "config.yaml", bare / "config.yaml")
+    assert_same_test_metrics(trained, evaluate_run(bare, tmp_path / "eval_bare"))
+    assert (tmp_path / "eval_bare" / "csv").is_dir()
+    assert {f: f.stat().st_mtime_ns for f in out.rglob("*") if f.is_file()} == untouched  # the trained run is left as it was
 
     on_val = evaluate_run(out, tmp_path / "eval_val", "data.test_split=val")
     assert on_val["test/psnr"] == pytest.approx(trained["val/psnr"], rel=1e-6)  # the val views, as validation scored them
