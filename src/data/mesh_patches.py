@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from src.data.errors import DataError, missing_root
-from src.data.pu_gan import load_test_shapes
+from src.data.pu_gan import augment, load_test_shapes
 from src.geometry.pu_metrics import farthest_point_sample, normalize_unit_sphere
 
 log = logging.getLogger(__name__)
@@ -112,15 +112,6 @@ def draw_input(patch_points: int, input_points: int, mode: str, generator: torch
                 if count == input_points:
                     break
     return torch.tensor(picked, dtype=torch.long)
-
-
-def augment(sparse: torch.Tensor, dense: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """PU-GAN's augmentation: a random rotation, scaling in [0.8, 1.2], input jitter (sigma 0.005, clip 0.015)."""
-    q, r = torch.linalg.qr(torch.randn(3, 3, generator=g))
-    rot = q * torch.sign(torch.diagonal(r))
-    s = float(torch.empty(1).uniform_(0.8, 1.2, generator=g))
-    sparse, dense = sparse @ rot.T * s, dense @ rot.T * s
-    return sparse + (torch.randn(sparse.shape, generator=g) * 0.005).clamp(-0.015, 0.015), dense
 
 
 class PatchDraws(Dataset):

@@ -128,6 +128,15 @@ def write_pu_dataset(root: str | Path, n_meshes: int = 8, patches_per_mesh: int 
 
 
 # ---------------------------------------------------------------------------------------------- loading
+def augment(sparse: torch.Tensor, dense: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """PU-GAN's augmentation: a random rotation, scaling in [0.8, 1.2], input jitter (sigma 0.005, clip 0.015)."""
+    q, r = torch.linalg.qr(torch.randn(3, 3, generator=g))
+    rot = q * torch.sign(torch.diagonal(r))
+    s = float(torch.empty(1).uniform_(0.8, 1.2, generator=g))
+    sparse, dense = sparse @ rot.T * s, dense @ rot.T * s
+    return sparse + (torch.randn(sparse.shape, generator=g) * 0.005).clamp(-0.015, 0.015), dense
+
+
 class PUPatches(Dataset):
     """Training pairs from a PU-GAN HDF5 file: (input (256, 3), target (1024, 3)), both normalised by the
     target's centroid and furthest distance. ``augment``: PU-GAN's random rotation, scaling (0.8-1.2) and
@@ -161,12 +170,7 @@ class PUPatches(Dataset):
         dense, centre, scale = normalize_unit_sphere(self.dense[i])
         sparse = (self.sparse[i] - centre) / scale
         if self.augment:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
-            q, r = torch.linalg.qr(torch.randn(3, 3, generator=g))
-            rot = q * torch.sign(torch.diagonal(r))
-            s = float(torch.empty(1).uniform_(0.8, 1.2, generator=g))
-            sparse, dense = sparse @ rot.T * s, dense @ rot.T * s
-            sparse = sparse + (torch.randn(sparse.shape, generator=g) * 0.005).clamp(-0.015, 0.015)
+            sparse, dense = augment(sparse, dense, torch.Generator().manual_seed(self.seed * 1_000_003 + i))
         return {"sparse": sparse, "dense": dense, "index": i}
 
 
