@@ -125,6 +125,7 @@ def run(cfg: DictConfig) -> dict:
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     train_s = time.perf_counter() - tic
     fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    fit_metrics.update(getattr(model, "fit_facts", dict)())  # a method's words on its numbers (e.g. estimators)
     trainer.save_checkpoint(out_dir / "checkpoints" / "final.ckpt", weights_only=False)  # resumable, as last.ckpt
 
     datamodule.setup("test")

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 MESH_SUFFIXES = (".obj", ".off", ".ply")
 CACHE_VERSION = 1
+FALLBACK_CACHE = Path.home() / ".cache" / "neural3d" / "patch_cache"  # when the data folder is read-only
 
 
 def read_mesh(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -164,7 +165,8 @@ class MeshPatchesDataModule(L.LightningDataModule):
 
     Args: points_per_mesh, patches_per_mesh, patch_points, input_points: the protocol's sizes (PU-GAN: 200
         patches a mesh, 1024 -> 256). input_sampling: nonuniform | random | fps. augment: PU-GAN's augmentation.
-        batch_size, num_workers, seed. cache_dir: where the patches are cached (default ``root/.patch_cache``).
+        batch_size, num_workers, seed. cache_dir: where the patches are cached (default ``root/.patch_cache``; ``~/.cache/neural3d/patch_cache`` when
+        that is not writable).
     """
 
     def __init__(self, root: str, test_root: str | None = None, points_per_mesh: int = 8192,
@@ -211,21 +213,30 @@ class MeshPatchesDataModule(L.LightningDataModule):
                "files": [[str(f.relative_to(self.root)), f.stat().st_size, int(f.stat().st_mtime)] for f in files]}
         digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         path = self.cache_dir / f"patches_v{CACHE_VERSION}_{digest}.pt"
-        if path.is_file():
-            saved = torch.load(path, weights_only=True)
-            if saved.get("key") == json.dumps(key, sort_keys=True):
-                return saved["patches"], saved["names"]
+        for cached in (path, FALLBACK_CACHE / path.name):
+            if cached.is_file():
+                saved = torch.load(cached, weights_only=True)
+                if saved.get("key") == json.dumps(key, sort_keys=True):
+                    return saved["patches"], saved["names"]
         out = []
         for k, f in enumerate(files):
             verts, faces = read_mesh(f)
             out.append(mesh_patches(verts, faces, **self.sizes, seed=self.seed * 1_000 + k))
             log.info("patches of %s: %d x %d points (%d of %d meshes)", f.name, *out[-1].shape[:2], k + 1, len(files))
         patches, names = torch.stack(out), [f.stem for f in files]
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save({"key": json.dumps(key, sort_keys=True), "patches": patches, "names": names}, tmp)
-        tmp.replace(path)
-        log.info("cached %d patches of %d meshes in %s", patches.shape[0] * patches.shape[1], len(files), path)
+        record = {"key": json.dumps(key, sort_keys=True), "patches": patches, "names": names}
+        for folder in (self.cache_dir, FALLBACK_CACHE):  # a read-only data folder: the user's cache instead
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                tmp = folder / (path.stem + ".tmp")
+                torch.save(record, tmp)
+                tmp.replace(folder / path.name)
+            except OSError as err:
+                log.warning("cannot cache the patches in %s (%s)", folder, err)
+                continue
+            log.info("cached %d patches of %d meshes in %s", patches.shape[0] * patches.shape[1], len(files),
+                     folder / path.name)
+            break
         return patches, names
 
     def setup(self, stage: str | None = None) -> None:

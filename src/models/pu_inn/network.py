@@ -40,19 +40,22 @@ class EdgeConv(nn.Module):
 class PUINN(nn.Module):
     """Args: k: neighbours for features and interpolation. feat_dim: per-point feature size. n_blocks, hidden,
     n_layers, coeff: the flow (``ResidualBlock``). estimator / eval_estimator and the series options: the
-    log-det estimators. up_ratio: r. inverse_grad_steps: unrolled inverse iterations that carry gradients."""
+    log-det estimators (roulette: a series length per point or per batch). up_ratio: r. inverse_grad: the
+    inverse flow's gradient, ``implicit`` (exact, the default) or ``unrolled`` (``inverse_grad_steps``
+    iterations with a graph: the older truncated gradient)."""
 
     def __init__(self, k: int = 16, feat_dim: int = 64, n_blocks: int = 4, hidden: int = 64, n_layers: int = 3,
-                 coeff: float = 0.97, up_ratio: int = 4, estimator: str = "poisson", eval_estimator: str = "poisson",
+                 coeff: float = 0.97, up_ratio: int = 4, estimator: str = "poisson", eval_estimator: str = "exact",
                  n_exact_terms: int = 2, lam: float = 2.0, n_terms: int = 10, neumann_grad: bool = True,
-                 inverse_grad_steps: int = 5) -> None:
+                 inverse_grad: str = "implicit", inverse_grad_steps: int = 5, roulette: str = "point") -> None:
         super().__init__()
-        self.k, self.up_ratio, self.inverse_grad_steps = k, up_ratio, inverse_grad_steps
+        self.k, self.up_ratio = k, up_ratio
         self.edge1 = EdgeConv(3, feat_dim // 2)
         self.edge2 = EdgeConv(feat_dim // 2, feat_dim - feat_dim // 2)
         self.blocks = nn.ModuleList([
             ResidualBlock(3, hidden, n_layers, coeff, estimator, eval_estimator, n_terms, n_exact_terms, lam,
-                          neumann_grad=neumann_grad, context_dim=feat_dim) for _ in range(n_blocks)])
+                          neumann_grad=neumann_grad, context_dim=feat_dim, inverse_grad=inverse_grad,
+                          inverse_grad_steps=inverse_grad_steps, roulette=roulette) for _ in range(n_blocks)])
         # r sets of convex weights over the k neighbours, from each point's feature
         self.interp = nn.Sequential(nn.Linear(feat_dim, feat_dim), nn.ReLU(), nn.Linear(feat_dim, up_ratio * k))
         nn.init.zeros_(self.interp[-1].weight)
@@ -68,23 +71,24 @@ class PUINN(nn.Module):
         f1 = self.edge1(pts, idx)
         return torch.cat([f1, self.edge2(f1, idx)], -1), idx
 
-    def flow(self, x: torch.Tensor, context: torch.Tensor, with_logdet: bool = True):
-        """xyz (M, 3) -> latent (M, 3) and the summed log-det (M,) (or None)."""
+    def flow(self, x: torch.Tensor, context: torch.Tensor, with_logdet: bool = True, estimator: str | None = None):
+        """xyz (M, 3) -> latent (M, 3) and the summed log-det (M,) (or None), by ``estimator`` (default each
+        block's training / evaluation one)."""
         total = None
         for block in self.blocks:
-            x, ld = block(x, context, with_logdet=with_logdet)
+            x, ld = block(x, context, with_logdet=with_logdet, estimator=estimator)
             if ld is not None:
                 total = ld if total is None else total + ld
         return x, total
 
     def flow_inverse(self, z: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         for block in reversed(self.blocks):
-            z = block.inverse(z, context, grad_steps=self.inverse_grad_steps if torch.is_grad_enabled() else 0)
+            z = block.inverse(z, context)
         return z
 
-    def forward(self, sparse: torch.Tensor, up_ratio: int | None = None, with_logdet: bool = True) -> dict[str, torch.Tensor]:
+    def forward(self, sparse: torch.Tensor, up_ratio: int | None = None, with_logdet: bool = False) -> dict[str, torch.Tensor]:
         """sparse (B, N, 3) -> dense (B, r N, 3); also the latent codes and (``with_logdet``) the log-det of
-        the flow at the sparse points."""
+        the flow at the sparse points (off by default: upsampling never needs it)."""
         r = up_ratio or self.up_ratio
         if r != self.up_ratio:
             raise ValueError(f"this model interpolates {self.up_ratio} points per input point, not {r}")
@@ -101,18 +105,25 @@ class PUINN(nn.Module):
         return {"dense": dense, "latent": z.reshape(b, n, 3), "features": feat,
                 "logdet": None if logdet is None else logdet.reshape(b, n)}
 
-    def nll(self, sparse: torch.Tensor, feat: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-        """Negative log-likelihood (nats per point, standard normal prior on the latent) of target points
-        (B, M, 3) under the flow, each conditioned on the features of its 3 nearest sparse points
-        (inverse-distance weights)."""
+    def target_context(self, sparse: torch.Tensor, feat: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        """(B M, C): each target point's context, the features of its 3 nearest sparse points (inverse-distance
+        weights)."""
         b, m, _ = dense.shape
         idx = knn(sparse, 3, queries=dense)
         d = (gather(sparse, idx) - dense[:, :, None]).norm(dim=-1).clamp(min=1e-8)
         wts = (1.0 / d) / (1.0 / d).sum(-1, keepdim=True)
-        ctx = (gather(feat, idx) * wts[..., None]).sum(2).reshape(b * m, -1)
-        z, logdet = self.flow(dense.reshape(b * m, 3), ctx)
+        return (gather(feat, idx) * wts[..., None]).sum(2).reshape(b * m, -1)
+
+    def nll(self, sparse: torch.Tensor, feat: torch.Tensor, dense: torch.Tensor, estimator: str | None = None,
+            with_parts: bool = False):
+        """Negative log-likelihood (nats per point, standard normal prior on the latent) of target points
+        (B, M, 3) under the flow, each conditioned on ``target_context``; ``with_parts``: also the per-point
+        log-dets (B M,) and the context."""
+        ctx = self.target_context(sparse, feat, dense)
+        z, logdet = self.flow(dense.reshape(-1, 3), ctx, estimator=estimator)
         log_prior = -0.5 * (z**2).sum(-1) - 1.5 * math.log(2 * math.pi)
-        return -(log_prior + logdet).mean()
+        nll = -(log_prior + logdet).mean()
+        return (nll, logdet, ctx) if with_parts else nll
 
     def refresh(self, n: int = 50) -> None:
         for block in self.blocks:
