@@ -29,7 +29,7 @@ ROWS = [("exact", {}), ("exact_trace (10 terms)", {"name": "exact_trace"}), ("fi
         ("poisson (one length per batch)", {"name": "poisson", "roulette": "batch"})]
 
 
-def val_batch(module: PUINNModule, cfg, n_patches: int) -> dict:
+def val_batch(cfg, n_patches: int) -> dict:
     from hydra.utils import instantiate
 
     dm = instantiate(cfg.data)
@@ -52,7 +52,7 @@ def main() -> None:
 
         cfg, _ = load_run_config(a.ckpt)
         module = PUINNModule.load_from_checkpoint(a.ckpt, map_location="cpu")
-        batch = val_batch(module, cfg, a.patches)
+        batch = val_batch(cfg, a.patches)
         source = f"checkpoint {a.ckpt}"
     else:
         from src.data.pu_gan import PUPatches, write_pu_dataset
@@ -79,7 +79,7 @@ def main() -> None:
     exact = evaluate("exact")
     lines = [f"Device: {device_name()}; torch {torch.__version__}; measured {time.strftime('%Y-%m-%d %H:%M')} by "
              f"`python bench/pu_inn_logdet.py{' --ckpt ' + a.ckpt if a.ckpt else ''}`", "",
-             f"Model: {source}; {net.blocks.__len__()} flow blocks; {x.shape[0]} target points ({a.patches} patches); "
+             f"Model: {source}; {len(net.blocks)} flow blocks; {x.shape[0]} target points ({a.patches} patches); "
              f"exact log-det {float(exact.mean()):.4f} nats per point (batch mean). {a.draws} draws per random "
              "estimator. Bias: mean over draws of (batch-mean estimate - exact), +- its standard error; spread: std "
              "of the batch mean over draws; per-point error std: over points and draws.", "",

@@ -165,8 +165,8 @@ class MeshPatchesDataModule(L.LightningDataModule):
 
     Args: points_per_mesh, patches_per_mesh, patch_points, input_points: the protocol's sizes (PU-GAN: 200
         patches a mesh, 1024 -> 256). input_sampling: nonuniform | random | fps. augment: PU-GAN's augmentation.
-        batch_size, num_workers, seed. cache_dir: where the patches are cached (default ``root/.patch_cache``; ``~/.cache/neural3d/patch_cache`` when
-        that is not writable).
+        batch_size, num_workers, seed. cache_dir: where the patches are cached (default ``root/.patch_cache``;
+        ``~/.cache/neural3d/patch_cache`` when that is not writable).
     """
 
     def __init__(self, root: str, test_root: str | None = None, points_per_mesh: int = 8192,
@@ -211,12 +211,13 @@ class MeshPatchesDataModule(L.LightningDataModule):
         files = self.mesh_files()
         key = {"version": CACHE_VERSION, "seed": self.seed, **self.sizes,
                "files": [[str(f.relative_to(self.root)), f.stat().st_size, int(f.stat().st_mtime)] for f in files]}
-        digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        key_text = json.dumps(key, sort_keys=True)
+        digest = hashlib.sha1(key_text.encode()).hexdigest()[:16]
         path = self.cache_dir / f"patches_v{CACHE_VERSION}_{digest}.pt"
         for cached in (path, FALLBACK_CACHE / path.name):
             if cached.is_file():
                 saved = torch.load(cached, weights_only=True)
-                if saved.get("key") == json.dumps(key, sort_keys=True):
+                if saved.get("key") == key_text:
                     return saved["patches"], saved["names"]
         out = []
         for k, f in enumerate(files):
@@ -224,7 +225,7 @@ class MeshPatchesDataModule(L.LightningDataModule):
             out.append(mesh_patches(verts, faces, **self.sizes, seed=self.seed * 1_000 + k))
             log.info("patches of %s: %d x %d points (%d of %d meshes)", f.name, *out[-1].shape[:2], k + 1, len(files))
         patches, names = torch.stack(out), [f.stem for f in files]
-        record = {"key": json.dumps(key, sort_keys=True), "patches": patches, "names": names}
+        record = {"key": key_text, "patches": patches, "names": names}
         for folder in (self.cache_dir, FALLBACK_CACHE):  # a read-only data folder: the user's cache instead
             try:
                 folder.mkdir(parents=True, exist_ok=True)

@@ -20,8 +20,8 @@ one series length and the batch mean swung with it.
 
 The inverse ``x = y - g(x; c)`` is solved by fixed-point iteration without a graph; its gradient is the
 implicit one, ``dx/dy = (I + J_g)^-1`` at the solution (``inverse_grad="implicit"``): one graph of ``g`` at the
-solution, the incoming gradient ``u`` replaced by ``(I + J_g)^-T u``, solved exactly per point for small
-dimensions (the 3 x 3 Jacobian) and by the fixed point ``w <- u - J_g^T w`` otherwise. ``"unrolled"`` keeps
+solution, the incoming gradient ``u`` replaced by ``(I + J_g)^-T u``, solved exactly per point (g's
+Jacobian by the chain rule through its layers: 3 x 3 here). ``"unrolled"`` keeps
 the older truncation (``inverse_grad_steps`` iterations with a graph: the first terms of the Neumann series,
 relative error up to ``Lip(g)^steps``), for comparison.
 
@@ -64,7 +64,7 @@ class SpectralNormLinear(nn.Linear):
         self.coeff, self.n_iterations, self.exact_norm = coeff, n_iterations, exact_norm
         self.register_buffer("u", F.normalize(torch.randn(out_features), dim=0))
         self.register_buffer("v", F.normalize(torch.randn(in_features), dim=0))
-        self._sigma: tuple[int, torch.Tensor] | None = None
+        self._sigma: tuple[tuple[int, int], torch.Tensor] | None = None
 
     @torch.no_grad()
     def power_iteration(self, n: int) -> None:
@@ -77,7 +77,9 @@ class SpectralNormLinear(nn.Linear):
         self.v.copy_(v)
 
     def refresh(self, n: int = 200) -> None:
-        self.power_iteration(n)
+        """Converge the power-iteration vectors (nothing to do with exact norms)."""
+        if not self.exact_norm:
+            self.power_iteration(n)
 
     def sigma(self) -> torch.Tensor:
         if not self.exact_norm:
@@ -163,12 +165,13 @@ class ResidualBlock(nn.Module):
         self.inverse_iters, self.inverse_atol = inverse_iters, inverse_atol
         self.context_dim = context_dim
 
+    def _check_context(self, context: torch.Tensor | None) -> None:
+        if self.context_dim and context is None:
+            raise ValueError(f"this block is conditioned on a context of size {self.context_dim}: pass it")
+
     def g_of(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        if self.context_dim:
-            if context is None:
-                raise ValueError(f"this block is conditioned on a context of size {self.context_dim}: pass it")
-            return self.g(torch.cat([x, context], -1))
-        return self.g(x)
+        self._check_context(context)
+        return self.g(torch.cat([x, context], -1)) if self.context_dim else self.g(x)
 
     def refresh(self, n: int = 200) -> None:
         """Converge the spectral-norm estimates (call before evaluation)."""
@@ -228,7 +231,7 @@ class ResidualBlock(nn.Module):
             gx0 = self.g_of(x0, context)
         out = y - gx0
         if out.requires_grad:
-            out.register_hook(lambda u: self._implicit_adjoint(u, x0, gx0))
+            out.register_hook(lambda u: self._implicit_adjoint(u, x0.detach(), context))
         return out
 
     @torch.no_grad()
@@ -265,8 +268,7 @@ class ResidualBlock(nn.Module):
         layers = list(self.g)
         first = layers[0]
         w = first.effective_weight()
-        if self.context_dim and context is None:
-            raise ValueError(f"this block is conditioned on a context of size {self.context_dim}: pass it")
+        self._check_context(context)
         pre = first.bias if first.bias is not None else torch.zeros(w.shape[0], device=w.device, dtype=w.dtype)
         if self.context_dim:
             pre = F.linear(context, w[:, -self.context_dim:]) + pre
@@ -296,21 +298,12 @@ class ResidualBlock(nn.Module):
             return h, jac
         return g, g_jac
 
-    def _implicit_adjoint(self, u: torch.Tensor, x0: torch.Tensor, gx0: torch.Tensor) -> torch.Tensor:
-        """w with (I + J_g(x0))^T w = u, row by row (per-point maps): exact by the batch Jacobian for small
-        dimensions, else the fixed point w <- u - J_g^T w (a contraction, Lip(g) < 1)."""
-        if x0.shape[1] <= 8:
-            J = batch_jacobian(gx0, x0, create_graph=False)  # (N, d, d)
+    def _implicit_adjoint(self, u: torch.Tensor, x0: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        """w with (I + J_g(x0))^T w = u, row by row (per-point maps), by the Jacobian of ``_g_at``."""
+        with torch.no_grad():
+            J = self._g_at(context)[1](x0, None)[1]  # (N, d, d)
             eye = torch.eye(x0.shape[1], device=x0.device, dtype=x0.dtype)
             return torch.linalg.solve((eye + J).transpose(1, 2), u.unsqueeze(-1)).squeeze(-1)
-        w = u
-        for _ in range(self.inverse_iters):
-            w_new = u - torch.autograd.grad(gx0, x0, w, retain_graph=True)[0]
-            done = (w_new - w).abs().max() < self.inverse_atol * max(1.0, float(u.abs().max()))
-            w = w_new
-            if done:
-                break
-        return w
 
     # ---- log-determinant estimators ------------------------------------------------------------------
     def _term_weights(self, name: str, n_points: int, device=None, dtype=None) -> torch.Tensor:

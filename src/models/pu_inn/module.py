@@ -136,7 +136,7 @@ class PUINNModule(L.LightningModule):
         return losses["loss"]
 
     def on_validation_epoch_start(self) -> None:
-        self.net.refresh(50)  # converge the spectral-norm estimates before estimating log-dets
+        self.net.refresh(50)  # power-iteration norms (exact_norm=False) converge before the log-dets
         self._n_validations = getattr(self, "_n_validations", 0) + 1
 
     @property
