@@ -1,17 +1,25 @@
-"""PU-INN on the shared PU-GAN test inputs (2048 -> 8192 points) after training on generated patches, beside
-PU-GAN's published 4x figures and the issue's calibration of these two meshes.
+"""PU-INN at the PU-GAN benchmark (2048 -> 8192 points) on PU-GAN test pairs, beside the references a reader
+needs to judge it: the input alone, the even-sample floor, PU-GAN's own outputs; and an ablation table that
+undoes one change of issue 14 at a time at a shorter training length.
 
 Usage:
-  python bench/pu_inn.py                        # experiment=pu_inn_synthetic_cpu (800 steps), then the table
-  python bench/pu_inn.py --steps 100            # a shorter run (model.iters)
-  python bench/pu_inn.py --run-dir RUN          # score an existing run's test_scores.json instead of training
+  python bench/pu_inn.py --meshes MESHES --test-dir TESTS              # trains experiment=pu_inn_meshes_cpu, then
+                                                                       # the ablations, then writes the tables
+  python bench/pu_inn.py ... --full-run RUN                            # score an existing run of the preset
+  python bench/pu_inn.py ... --ablation-steps 0                        # no ablations
+  python bench/pu_inn.py ... --work DIR                                # runs kept in DIR (default bench/work/pu_inn):
+                                                                       # a finished run is reused, so it restarts
 Writes bench/results/pu_inn_<cpu|gpu>.md.
 
-Rows, each scored by ``src.models.pu_inn.module.score_shape`` against an even 8192-point sample of the mesh
-(farthest-point thinning of 8x as many area samples): the 2048-point inputs alone; the untrained network
-(its interpolation starts at "each point and the midpoints towards its nearest neighbours") through the
-same test-time patching; the trained network. CD, HD, P2F, EMD are x1e-3 on unit-sphere-normalised clouds;
-EMD is the exact optimal matching (PU-GAN used an approximate one).
+MESHES: a folder of training meshes (OBJ / OFF / PLY); TESTS: PU-GAN test pairs (``<name>.xyz`` beside
+``<name>.off``). PU-GAN's outputs are read from ``TESTS/../test_outputs/<name>.xyz`` when that folder exists.
+
+Every cloud is scored by ``src.models.pu_inn.module.score_shape`` against an even 8192-point sample of the mesh
+(farthest-point thinning of 8x as many area samples, seed 0): CD, HD, P2F x1e-3 on unit-sphere-normalised
+clouds. The floor is a second even sample (seed 1) scored the same way: no cloud of that size scores much
+lower. "closed" is the share of the distance from the input alone to the floor that a cloud closes,
+(input - cloud) / (input - floor), for CD and HD. P2F has no such share: the inputs lie on the surface
+(P2F 0), so any upsampler can only add to it.
 """
 from __future__ import annotations
 
@@ -19,7 +27,6 @@ import argparse
 import json
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,79 +34,107 @@ import torch
 from _common import CUDA, ROOT, device_name, emit  # bench/_common.py
 
 from src.data.pu_gan import load_test_shapes
-from src.models.pu_inn.module import PUINNModule, score_shape, upsample_shape
+from src.geometry.pu_metrics import even_surface_sample, read_xyz
+from src.models.pu_inn.module import score_shape
 
-PUBLISHED = "CD 0.28, HD 5.6, P2F 2.0"  # PU-GAN (Li et al., ICCV 2019), 4x, its whole test set
-CALIBRATION = {"Icosahedron": {"cd": 0.49, "hd": 3.4, "p2f": 2.0}, "fandisk": {"cd": 0.23, "hd": 2.5, "p2f": 1.8}}
-INPUTS_ONLY = {"Icosahedron": 1.59, "fandisk": 0.65}  # the issue's CD of the inputs alone
+PRESET = "experiment=pu_inn_meshes_cpu"
+# (name, what it undoes, overrides) - each trained for --ablation-steps beside the reference of the same length
+ABLATIONS = [
+    ("reference", "the preset as shipped", []),
+    ("even inputs", "training inputs an even (farthest-point) subset, as before issue 14", ["data.input_sampling=fps"]),
+    ("no uniform loss", "PU-GAN's uniform term off", ["model.w_uniform=0"]),
+    ("truncated gradient", "inverse gradient unrolled 5 steps instead of the implicit one",
+     ["model.net.inverse_grad=unrolled"]),
+    ("generated meshes", "trained on the 8 generated primitives (data=synthetic_pu) instead of real meshes",
+     ["data=synthetic_pu"]),
+]
 
 
-def train(steps: int, test_dir: Path, run_dir: Path, data_dir: Path) -> float:
-    tic = time.perf_counter()
-    subprocess.run([sys.executable, "train.py", "experiment=pu_inn_synthetic_cpu", f"model.iters={steps}",
-                    f"trainer.val_check_interval={max(1, steps // 2)}", f"data.test_root={test_dir}",
-                    f"hydra.run.dir={run_dir}", f"paths.data_dir={data_dir}", "trainer.enable_progress_bar=false",
-                    *(["trainer.accelerator=gpu"] if CUDA else [])], cwd=ROOT, check=True)
-    return time.perf_counter() - tic
+def run_preset(run_dir: Path, overrides: list[str], meshes: Path, test_dir: Path, cache: Path) -> dict:
+    """Train and test the preset with ``overrides`` in ``run_dir`` unless it already holds a finished run."""
+    if not (run_dir / "test_scores.json").is_file():
+        mesh_args = [] if "data=synthetic_pu" in overrides else [f"data.root={meshes}", f"data.cache_dir={cache}"]
+        cmd = [sys.executable, "train.py", PRESET, *mesh_args, f"data.test_root={test_dir}",
+               f"paths.data_dir={run_dir.parent / 'generated'}", f"hydra.run.dir={run_dir}", "logger=csv",
+               "trainer.enable_progress_bar=false", *(["trainer.accelerator=gpu"] if CUDA else []), *overrides]
+        print("+", " ".join(cmd[1:]), flush=True)
+        with open(run_dir.parent / f"{run_dir.name}.log", "w") as log:
+            subprocess.run(cmd, cwd=ROOT, check=True, stdout=log, stderr=subprocess.STDOUT)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    scores = {s["name"]: {k[5:]: v / 1e3 for k, v in s.items() if k.startswith("test/")}
+              for s in json.loads((run_dir / "test_scores.json").read_text())}
+    return {"scores": scores, "steps": metrics["train/steps"], "train_s": metrics["time/train_s"]}
 
 
-def fmt(s: dict) -> str:
-    emd = f"{s['emd'] * 1e3:.2f}" if "emd" in s else "-"
-    return f"{s['cd'] * 1e3:.3f} | {s['hd'] * 1e3:.2f} | {s['p2f'] * 1e3:.2f} ({s['p2f_std'] * 1e3:.2f}) | {emd}"
+def closed(inp: float, floor: float, x: float) -> str:
+    return f"{(inp - x) / (inp - floor) * 100:.0f}%"
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=800, help="training steps (model.iters)")
-    p.add_argument("--test-dir", default=str(ROOT / "data" / "PU-GAN" / "test"))
-    p.add_argument("--run-dir", default=None, help="an existing run to score (skips training)")
+    p.add_argument("--meshes", required=True, help="training meshes (data.root)")
+    p.add_argument("--test-dir", required=True, help="PU-GAN test pairs (data.test_root)")
+    p.add_argument("--work", default=str(ROOT / "bench" / "work" / "pu_inn"), help="where runs are kept")
+    p.add_argument("--full-run", default=None, help="an existing run of the preset to score instead of training one")
+    p.add_argument("--ablation-steps", type=int, default=500, help="training steps of each ablation run (0: none)")
     p.add_argument("--out", default=None, help="result file (default bench/results/pu_inn_<cpu|gpu>.md)")
     a = p.parse_args()
-    test_dir = Path(a.test_dir).resolve()
+    meshes, test_dir, work = Path(a.meshes).resolve(), Path(a.test_dir).resolve(), Path(a.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
     shapes = load_test_shapes(test_dir)
-    command = "python bench/pu_inn.py" + (f" --steps {a.steps}" if a.steps != 800 else "") + (
-        f" --run-dir {a.run_dir}" if a.run_dir else "")
-
-    rows: dict[str, dict[str, dict]] = {"inputs alone (2048 points)": {}, "PU-INN untrained, x4": {}}
-    torch.manual_seed(0)
-    untrained = PUINNModule().net.eval()
-    for shape in shapes:
-        rows["inputs alone (2048 points)"][shape["name"]] = score_shape(shape["input"], shape["verts"], shape["faces"],
-                                                                        gt_points=4 * shape["input"].shape[0])
-        with torch.no_grad():
-            pred = upsample_shape(untrained, shape["input"])
-        rows["PU-INN untrained, x4"][shape["name"]] = score_shape(pred, shape["verts"], shape["faces"])
-        print(shape["name"], {k: v[shape["name"]] for k, v in rows.items()}, flush=True)
-
-    with tempfile.TemporaryDirectory() as tmp:
-        run_dir = Path(a.run_dir) if a.run_dir else Path(tmp) / "run"
-        wall = None if a.run_dir else train(a.steps, test_dir, run_dir, Path(tmp) / "data")
-        per_shape = {s["name"]: s for s in json.loads((run_dir / "test_scores.json").read_text())}
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-    trained = f"PU-INN trained {metrics['train/steps']} steps on generated patches, x4"
-    rows[trained] = per_shape
-
     names = [s["name"] for s in shapes]
-    lines = [f"Device: {device_name()}; torch {torch.__version__}; measured {time.strftime('%Y-%m-%d %H:%M')} by `{command}`",
-             "", f"Test inputs: {test_dir.relative_to(ROOT.parent) if test_dir.is_relative_to(ROOT.parent) else test_dir} "
-             f"({', '.join(names)}; 2048 points each, upsampled to 8192). Ground truth: an even 8192-point sample of "
-             "each mesh. All figures x1e-3 on unit-sphere-normalised clouds; P2F mean (std); EMD exact.", "",
-             "| cloud | shape | CD | HD | P2F (std) | EMD |", "|---|---|---|---|---|---|"]
+    outputs_dir = test_dir.parent / "test_outputs"
+
+    refs: dict[str, dict[str, dict]] = {"input alone (2048 points)": {}, "even-sample floor (a second even sample)": {}}
+    for s in shapes:
+        n = 4 * s["input"].shape[0]
+        refs["input alone (2048 points)"][s["name"]] = score_shape(s["input"], s["verts"], s["faces"], gt_points=n)
+        refs["even-sample floor (a second even sample)"][s["name"]] = score_shape(
+            even_surface_sample(s["verts"], s["faces"], n, seed=1), s["verts"], s["faces"])
+        if (outputs_dir / f"{s['name']}.xyz").is_file():
+            pugan = torch.from_numpy(read_xyz(outputs_dir / f"{s['name']}.xyz")).float()
+            refs.setdefault("PU-GAN's own outputs", {})[s["name"]] = score_shape(pugan, s["verts"], s["faces"])
+        print(s["name"], {k: v.get(s["name"]) for k, v in refs.items()}, flush=True)
+    inp, floor = refs["input alone (2048 points)"], refs["even-sample floor (a second even sample)"]
+
+    full = run_preset(Path(a.full_run).resolve() if a.full_run else work / "full", [], meshes, test_dir,
+                      work / "patch_cache")
+    model_row = f"PU-INN, `{PRESET}` ({full['steps']} steps, {full['train_s'] / 60:.0f} min training)"
+    rows = {**refs, model_row: full["scores"]}
+
+    command = (f"python bench/pu_inn.py --meshes {a.meshes} --test-dir {a.test_dir}"
+               + (f" --full-run {a.full_run}" if a.full_run else "") + f" --ablation-steps {a.ablation_steps}")
+    lines = [f"Device: {device_name()}; torch {torch.__version__}; measured {time.strftime('%Y-%m-%d %H:%M')} by "
+             f"`{command}`", "",
+             f"Test pairs: {', '.join(names)} (2048 input points each, upsampled x4 to 8192). Ground truth: an even "
+             "8192-point sample of each mesh. CD, HD, P2F x1e-3 on unit-sphere-normalised clouds; closed: the share "
+             "of the input-to-floor distance closed.", "",
+             "| cloud | shape | CD | HD | P2F (std) | CD closed | HD closed |", "|---|---|---|---|---|---|---|"]
     for row, scores in rows.items():
-        for name in names:
-            lines.append(f"| {row} | {name} | {fmt(scores[name])} |")
-    for name in names:
-        c = CALIBRATION.get(name)
-        if c:
-            lines.append(f"| PU-GAN's own outputs (the issue's calibration) | {name} | {c['cd']} | {c['hd']} | {c['p2f']} | - |")
-    lines.append(f"| PU-GAN published, 4x, its whole test set (27 meshes) | all | 0.28 | 5.6 | 2.0 | - |")
-    checks = [f"{n}: inputs alone CD {rows['inputs alone (2048 points)'][n]['cd'] * 1e3:.3f} (issue: {INPUTS_ONLY[n]})"
-              for n in names if n in INPUTS_ONLY]
-    lines += ["", f"Calibration check, {'; '.join(checks)}." if checks else "",
-              f"Training: `experiment=pu_inn_synthetic_cpu`, {metrics['train/steps']} steps, "
-              f"{metrics['time/train_s']:.0f} s training" + (f", {wall:.0f} s wall all in (data generation, training, "
-                                                             "test with P2F and EMD)" if wall else "")
-              + f"; val-patch CD {metrics['val/cd'] * 1e3:.3f} x1e-3 (raw, patches normalised by their target)."]
+        for n in names:
+            if n not in scores:
+                continue
+            s = scores[n]
+            lines.append(f"| {row} | {n} | {s['cd'] * 1e3:.3f} | {s['hd'] * 1e3:.2f} | {s['p2f'] * 1e3:.2f} "
+                         f"({s['p2f_std'] * 1e3:.2f}) | {closed(inp[n]['cd'], floor[n]['cd'], s['cd'])} | "
+                         f"{closed(inp[n]['hd'], floor[n]['hd'], s['hd'])} |")
+
+    if a.ablation_steps > 0:
+        s_ = a.ablation_steps
+        short = [f"model.iters={s_}", f"model.lr_decay_every={max(1, s_ * 5 // 7)}",
+                 f"trainer.val_check_interval={s_}", f"callbacks.model_checkpoint.every_n_train_steps={s_}"]
+        lines += ["", f"Ablations: each undoes one change of issue 14 and trains {s_} steps (lr x0.3 at "
+                  f"{max(1, s_ * 5 // 7)}), beside the reference of the same length. CD x1e-3 (CD closed).", "",
+                  "| run | what it undoes | " + " | ".join(f"{n} CD" for n in names) + " | training |",
+                  "|---|---|" + "---|" * len(names) + "---|"]
+        for name, what, overrides in ABLATIONS:
+            r = run_preset(work / f"ablation_{s_}_{name.replace(' ', '_')}", short + overrides, meshes, test_dir,
+                           work / "patch_cache")
+            cells = [f"{r['scores'][n]['cd'] * 1e3:.3f} ({closed(inp[n]['cd'], floor[n]['cd'], r['scores'][n]['cd'])})"
+                     for n in names]
+            lines.append(f"| {name} (`{' '.join(overrides) or PRESET}`) | {what} | {' | '.join(cells)} | "
+                         f"{r['train_s']:.0f} s |")
+            print(lines[-1], flush=True)
     emit("\n".join(lines), "pu_inn", a.out)
 
 

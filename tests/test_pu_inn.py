@@ -327,6 +327,71 @@ def test_pu_patches_bad_file_is_named(tmp_path):
         PUPatches(tmp_path / "missing.h5")
 
 
+# ---------------------------------------------------------------------------------- losses and test protocol
+def _plane_clouds(n_side: int = 32) -> dict[str, torch.Tensor]:
+    """Three 1024-point clouds on the square [-0.7, 0.7]^2 of the plane z = 0: a grid, uniform random points, and
+    points clustered around 16 centres."""
+    g = torch.Generator().manual_seed(0)
+    t = torch.linspace(-0.7, 0.7, n_side)
+    grid = torch.stack(torch.meshgrid(t, t, indexing="ij"), -1).reshape(-1, 2)
+    rand = torch.rand(n_side**2, 2, generator=g) * 1.4 - 0.7
+    centres = torch.rand(16, 2, generator=g) * 1.2 - 0.6
+    clustered = (centres.repeat_interleave(n_side**2 // 16, 0) + 0.04 * torch.randn(n_side**2, 2, generator=g))
+    return {k: torch.cat([v, torch.zeros(len(v), 1)], -1)[None] for k, v in
+            {"grid": grid, "random": rand, "clustered": clustered}.items()}
+
+
+def test_uniform_loss_orders_even_random_clustered():
+    """PU-GAN's uniform term ranks a grid < uniform random < clustered points (seen 0.0031 / 0.0141 / 0.0245).
+    (It scores balls around farthest-point seeds only; descending it alone does not even a cloud out, so it is a
+    regulariser beside the Chamfer term, as PU-GAN uses it.)"""
+    from src.models.pu_inn.losses import uniform_loss
+
+    loss = {k: float(uniform_loss(v)) for k, v in _plane_clouds().items()}
+    assert loss["grid"] < 0.5 * loss["random"] and loss["random"] < 0.8 * loss["clustered"], loss
+
+
+def test_repulsion_loss_pushes_close_points_apart():
+    """PU-Net's repulsion: its gradient moves two points 0.01 apart (closer than h = 0.03) away from each other,
+    and a pair farther than its 0.07 ball feels nothing."""
+    from src.models.pu_inn.losses import repulsion_loss
+
+    for gap, pushes in ((0.01, True), (0.1, False)):
+        x = torch.tensor([[[0.0, 0, 0], [gap, 0, 0]]], requires_grad=True)
+        repulsion_loss(x, k=1).backward()
+        moved_apart = float(x.grad[0, 0, 0]) > 0 and float(x.grad[0, 1, 0]) < 0  # descent: x0 left, x1 right
+        assert moved_apart is pushes and (pushes or float(x.grad.abs().max()) == 0), (gap, x.grad)
+
+
+class _CollapsingUpsampler(torch.nn.Module):
+    """A stand-in network: every output point of a patch at its centroid, plus one point far outside."""
+    up_ratio = 4
+
+    def forward(self, x):
+        out = x.mean(1, keepdim=True).expand(-1, 4 * x.shape[1], -1).clone()
+        out[:, 0] = 50.0
+        return {"dense": out}
+
+
+def test_test_protocol_merges_the_input_and_removes_outliers():
+    """``upsample_shape``: PU-Flow's ``merge_input`` puts the input points into the result (a collapsing network
+    alone cannot), and ``outlier_std`` drops the far points that the default keeps."""
+    from src.models.pu_inn.module import upsample_shape
+
+    pts = _plane_clouds()["random"][0]
+    net = _CollapsingUpsampler()
+
+    def share_of_inputs_kept(out):
+        return float((torch.cdist(pts, out).amin(-1) < 1e-5).float().mean())
+
+    plain = upsample_shape(net, pts)
+    merged = upsample_shape(net, pts, patch_ratio=4, merge_input=True)
+    assert share_of_inputs_kept(plain) < 0.05 and share_of_inputs_kept(merged) > 0.9
+    assert plain.norm(dim=-1).max() > 10  # PU-GAN's protocol keeps an outlier
+    cleaned = upsample_shape(net, pts, merge_input=True, outlier_std=3.0)
+    assert cleaned.norm(dim=-1).max() < 2 and cleaned.shape[0] <= 4 * pts.shape[0]
+
+
 # -------------------------------------------------------------------------------------------- training
 def test_pu_inn_smoke_lowers_cd_and_memory_stays_flat(make_cfg, tmp_path):
     """``experiment=pu_inn_smoke`` (200 steps on generated patches, memory callback on): the val patches'
