@@ -62,3 +62,21 @@ def assert_same_test_metrics(trained: dict, evaluated: dict) -> None:
     assert keys
     for k in keys:
         assert evaluated[k] == pytest.approx(trained[k], rel=1e-6, abs=1e-9), k
+
+
+def assert_instruments(out: Path, metrics: dict, phases: dict[str, set[str]]) -> None:
+    """What ``callbacks=all`` gives a smoke run (issue 15): no memory growth found in any loop (no false alarm),
+    and for each loop in ``phases`` a phase table, above the op table, holding at least those phases, whose
+    phases sum to within 10% of the step time."""
+    import json
+
+    assert metrics["memory/leak_found"] is False and not (out / "memory_leak.txt").exists(), metrics
+    for loop in ("train", "val", "test"):
+        if f"memory/{loop}/leak_found" in metrics:
+            assert metrics[f"memory/{loop}/leak_found"] is False, loop
+    for loop, names in phases.items():
+        table = json.loads((out / "profile" / f"{loop}_phases.json").read_text())
+        seen = {r["phase"] for r in table["rows"]}
+        assert names <= seen, (loop, sorted(names - seen), sorted(seen))
+        assert table["steps"] >= 1 and table["marked_ms"] >= 0.9 * table["step_ms"], (loop, table)
+        assert (out / "profile" / f"{loop}_table.txt").read_text().startswith(f"# {loop}: phases"), loop

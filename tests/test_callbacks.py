@@ -55,7 +55,9 @@ def test_memory_planted_leak_is_named_with_shape_and_rate(tmp_path):
     assert top["count_per_iter"] == 96
     assert top["bytes_per_iter"] == 96 * 8 * 3 * 256 * 4
     report = (tmp_path / "memory_leak.txt").read_text()
-    assert "(8, 3, 256) float32" in report and "+96/iter" in report
+    assert "(8, 3, 256) float32" in report and "+96/step" in report
+    assert f"made at tests/test_callbacks.py:{_line_of('self.kept.extend(torch.randn(8, 3, 256) for _ in range(96))')}" in report
+    assert "in the train loop" in report
     assert cb.summary()["memory/growth_mb_per_step"] == pytest.approx(2.25, rel=0.25)  # RSS slope, CPU
     rows = list(csv.DictReader((tmp_path / "memory.csv").open()))
     assert len(rows) == 60 and float(rows[-1]["rss_mb"]) > float(rows[0]["rss_mb"]) + 100
@@ -73,6 +75,71 @@ def test_memory_no_leak_no_report(tmp_path):
     fit(Leaky(leak=False), cb, 60)
     assert cb.leak is None and not (tmp_path / "memory_leak.txt").exists()
     assert abs(cb.summary()["memory/growth_mb_per_step"]) < 0.1
+
+
+class ValLeaky(Leaky):
+    """Seed 001's leak in validation, with a clean training loop: each validation step keeps 96 tensors of
+    (8, 3, 256) float32 (``graph=False``, detached), or its loss with the autograd graph that made it, which
+    holds 96 saved tensors of that shape (``graph=True``: the log-det estimated with gradients, kept)."""
+
+    def __init__(self, graph: bool = False):
+        super().__init__(leak=False)
+        self.graph = graph
+
+    def validation_step(self, batch, batch_idx):
+        if not self.graph:
+            self.kept.extend(torch.randn(8, 3, 256) for _ in range(96))  # the leaking line (detached)
+            return
+        with torch.inference_mode(False), torch.enable_grad():
+            h = torch.randn(8, 3, 256) + self.lin.weight[0, 0]
+            for _ in range(96):
+                h = torch.exp(0.01 * h)  # exp saves its (8, 3, 256) result inside the graph, out of Python's sight
+            self.kept.append(h.sum())  # the leaking line: a scalar holding its graph
+
+    def val_dataloader(self):
+        return DataLoader(TensorDataset(torch.randn(160, 4), torch.randn(160, 1)), batch_size=8)
+
+
+def _line_of(text: str) -> int:
+    src = Path(__file__).read_text().splitlines()
+    return next(i + 1 for i, line in enumerate(src) if text in line)
+
+
+@pytest.mark.parametrize("graph", [False, True], ids=["detached", "graph"])
+def test_memory_validation_leak_is_named_with_shape_rate_and_line(tmp_path, graph):
+    """A leak in ``validation_step`` with a clean training loop: found in the validation loop's own series, named
+    by shape, count and MiB per step, with the line that made it; a kept loss is charged the saved tensors of
+    its graph (96 x (8, 3, 256) float32 = 2.25 MiB/step) rather than its own 4 bytes."""
+    cb = MemoryGrowth(str(tmp_path), window=10, census_gap=5)
+    L.Trainer(max_steps=16, val_check_interval=8, limit_val_batches=20, num_sanity_val_steps=0, callbacks=[cb],
+              logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+              accelerator="cpu").fit(ValLeaky(graph))
+    summary = cb.summary()
+    assert summary["memory/val/leak_found"] is True and summary["memory/train/leak_found"] is False, summary
+    assert summary["memory/leak_found"] is True
+    assert summary["memory/val/growth_mb_per_step"] > 1.5  # RSS slope, CPU (seen 2.4-2.6 detached, 4.3 graph-held)
+    top = cb.series["val"].leak[0]
+    report = (tmp_path / "memory_leak.txt").read_text()
+    assert "in the val loop" in report, report
+    if graph:
+        assert (top["shape"], top["dtype"], top["count_per_iter"]) == ((), "float32", 1)
+        held = top["graph"][0]
+        assert (held["shape"], held["dtype"], held["count_per_iter"]) == ((8, 3, 256), "float32", 96)
+        assert held["bytes_per_iter"] == 96 * 8 * 3 * 256 * 4 and top["graph_bytes_per_iter"] < 1.01 * held["bytes_per_iter"]
+        assert "holding a graph of 96 x (8, 3, 256) float32" in report and "= 2.251 MiB/step" in report, report
+        # the graph's tensors, visible to Python too (PyTorch keeps their Python objects), are not counted twice
+        visible = next(r for r in cb.series["val"].leak if r["shape"] == (8, 3, 256))
+        assert visible["held_by_graph_of"] == ((), "float32") and "(the same memory)" in report
+        line = _line_of("# the leaking line: a scalar holding its graph")
+        assert f"its graph's (8, 3, 256) float32 made at tests/test_callbacks.py:{_line_of('exp saves its')} in validation_step" in report, report
+    else:
+        assert (top["shape"], top["dtype"], top["count_per_iter"], top["bytes_per_iter"]) == (
+            (8, 3, 256), "float32", 96, 96 * 8 * 3 * 256 * 4)
+        assert "+96/step" in report and "= 2.250 MiB/step" in report, report
+        line = _line_of("# the leaking line (detached)")
+    assert "made at tests/test_callbacks.py:" in report and f"tests/test_callbacks.py:{line} in validation_step" in report, report
+    rows = list(csv.DictReader((tmp_path / "memory.csv").open()))
+    assert {r["loop"] for r in rows} == {"train", "val"} and sum(r["loop"] == "val" for r in rows) == 40
 
 
 def test_memory_helpers():
@@ -113,13 +180,27 @@ def test_callbacks_all_writes_every_artifact(callbacks_all_run):
     assert metrics["throughput/coarse_it_s"] > 0 and metrics["throughput/fine_it_s"] > 0
 
 
+def test_phase_tables_cover_dvgo_steps(callbacks_all_run):
+    """The profiler's phase table (above the op table) names DVGO's phases, which sum to within 10% of the step,
+    in training and validation; the phases cost nothing when the profiler is off (they are bare contexts)."""
+    from src.phases import phase
+    from tests.conftest import assert_instruments
+
+    out, metrics = callbacks_all_run
+    assert_instruments(out, metrics, {"train": {"sample", "density", "composite", "colour", "loss", "backward",
+                                                "optimizer"}, "val": {"sample", "density", "composite", "colour",
+                                                                      "metrics"}})
+    assert phase("x") is phase("y")  # off: one shared nullcontext, nothing recorded
+
+
 def test_memory_clean_dvgo_smoke_reports_growth_near_zero(callbacks_all_run):
     out, metrics = callbacks_all_run
     assert metrics["memory/leak_found"] is False
     assert abs(metrics["memory/growth_mb_per_step"]) < 0.3, metrics  # the planted leak reads 2.25
     assert not (out / "memory_leak.txt").exists()
     rows = list(csv.DictReader((out / "memory.csv").open()))
-    assert len(rows) == metrics["train/steps"]
+    assert sum(r["loop"] == "train" for r in rows) == metrics["train/steps"]
+    assert metrics["memory/val/leak_found"] is False and metrics["memory/test/leak_found"] is False
 
 
 def test_kernel_ab_compares_the_triton_kernels_with_the_reference(callbacks_all_run):

@@ -12,6 +12,7 @@ from src.models.nerf.network import NeRFMLP
 from src.render.encoding import positional_encoding
 from src.pipeline import run
 from src.render.sampling import sample_pdf, stratified_depths
+from tests.conftest import assert_instruments
 
 
 def test_nerf_sample_pdf_follows_the_cdf():
@@ -64,7 +65,9 @@ def test_nerf_full_image_render_equals_its_chunks():
 
 def test_nerf_smoke_learns(make_cfg, tmp_path):
     out = tmp_path / "run"
-    metrics = run(make_cfg("experiment=nerf_smoke", out=out))
+    metrics = run(make_cfg("experiment=nerf_smoke", "callbacks=all", out=out))
+    assert_instruments(out, metrics, {"train": {"sample", "mlp.coarse", "composite", "mlp.fine", "loss", "backward",
+                                                "optimizer"}, "val": {"mlp.coarse", "composite", "metrics"}})
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["test/psnr"] == pytest.approx(metrics["test/psnr"])
     assert saved["test/psnr"] > 18.0, saved  # white-only prediction scores ~11 dB on this scene

@@ -21,7 +21,7 @@ from src.models.neus.network import SDFNetwork
 from src.pipeline import run
 from src.render.rays import get_rays
 
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, assert_instruments
 
 DTU = SHARED_DATA / "dtu_scan24_half"
 needs_dtu = pytest.mark.skipif(not (DTU / "cameras_sphere.npz").is_file(), reason=f"real DTU scan24 not found at {DTU}")
@@ -223,9 +223,11 @@ def test_chamfer_fscore_matches_its_definition():
 def test_neus_smoke_run_improves_its_mesh(make_cfg, tmp_path):
     """The generated scene: the trained SDF's mesh is much closer to the exact surface than the initial sphere."""
     cfg = make_cfg("experiment=neus_smoke", "model.end_iter=300", "trainer.val_check_interval=300",
-                   "callbacks.mesh.n_points=20000", "data.gt_points=20000", out=tmp_path / "run")
+                   "callbacks=all", "callbacks.mesh.n_points=20000", "data.gt_points=20000", out=tmp_path / "run")
     metrics = run(cfg)
     out = tmp_path / "run"
+    assert_instruments(out, metrics, {"train": {"sample", "sdf", "colour", "composite", "eikonal", "loss", "backward",
+                                                "optimizer"}, "val": {"sdf", "colour", "composite", "metrics"}})
     assert (out / "mesh.ply").is_file() and json.loads((out / "metrics.json").read_text())["mesh/chamfer"] > 0
     from hydra.utils import instantiate
 

@@ -211,7 +211,7 @@ def test_proto_depth_smoke_lowers_the_chamfer(make_cfg, tmp_path):
 
     from src.pipeline import run
 
-    cfg = make_cfg("experiment=proto_depth_smoke", out=tmp_path / "run")
+    cfg = make_cfg("experiment=proto_depth_smoke", "callbacks=all", out=tmp_path / "run")
     torch.manual_seed(cfg.seed)
     untrained = instantiate(cfg.model)
     metrics = run(cfg)
@@ -220,6 +220,11 @@ def test_proto_depth_smoke_lowers_the_chamfer(make_cfg, tmp_path):
     before = torch.cat([untrained._score(b)[0]["chamfer"] for b in dm.test_dataloader()]).mean()
     assert metrics["test/chamfer"] < 0.7 * float(before), (metrics["test/chamfer"], float(before))
     assert metrics["test/slots_used"] >= 1
+    from tests.conftest import assert_instruments
+
+    assert_instruments(tmp_path / "run", metrics, {
+        "train": {"encode", "transform", "sample", "chamfer", "regularisers", "backward", "optimizer"},
+        "val": {"encode", "transform", "sample", "chamfer"}})
     coverage = json.loads((tmp_path / "run" / "test_coverage.json").read_text())
     assert len(coverage["per_map"]) == 8 and all(sum(c) == pytest.approx(1.0) for c in coverage["per_map"])
     assert len(list((tmp_path / "run" / "test_images").glob("*_slots.png"))) == 8

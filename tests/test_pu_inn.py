@@ -402,8 +402,13 @@ def test_pu_inn_smoke_lowers_cd_and_memory_stays_flat(make_cfg, tmp_path):
     from src.geometry.knn import chamfer
     from src.pipeline import run
 
-    cfg = make_cfg("experiment=pu_inn_smoke", "callbacks=memory", out=tmp_path / "run")
+    cfg = make_cfg("experiment=pu_inn_smoke", "callbacks=all", out=tmp_path / "run")
     metrics = run(cfg)
+    from tests.conftest import assert_instruments
+
+    assert_instruments(tmp_path / "run", metrics, {
+        "train": {"features", "flow.forward", "interpolate", "flow.inverse", "loss", "backward", "optimizer"},
+        "val": {"flow.forward", "interpolate", "flow.inverse", "logdet", "nll"}})
     for key in ("test/cd", "test/hd", "test/emd", "test/p2f", "val/cd", "val/nll"):
         assert key in metrics and math.isfinite(metrics[key]), key
     torch.manual_seed(cfg.seed)

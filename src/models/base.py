@@ -13,6 +13,7 @@ from PIL import Image
 
 from src.loggers import wandb_loggers
 from src.metrics import lpips_model, psnr, ssim
+from src.phases import phase
 
 log = logging.getLogger(__name__)
 
@@ -74,23 +75,25 @@ class RenderMixin:
         tic = time.perf_counter()
         out = self.render_image(batch["rays_o"], batch["rays_d"], batch.get("viewdirs"))
         seconds = time.perf_counter() - tic
-        scores = {f"{split}/psnr": psnr(out["rgb"], batch["rgb"]), f"{split}/ssim": ssim(out["rgb"], batch["rgb"])}
-        model, _ = lpips_model()
-        if model is not None and split == "test":
-            to_nchw = lambda im: im.permute(2, 0, 1)[None] * 2 - 1  # noqa: E731
-            scores["test/lpips"] = model.to(out["rgb"].device)(to_nchw(out["rgb"]), to_nchw(batch["rgb"])).mean()
+        with phase("metrics"):
+            scores = {f"{split}/psnr": psnr(out["rgb"], batch["rgb"]), f"{split}/ssim": ssim(out["rgb"], batch["rgb"])}
+            model, _ = lpips_model()
+            if model is not None and split == "test":
+                to_nchw = lambda im: im.permute(2, 0, 1)[None] * 2 - 1  # noqa: E731
+                scores["test/lpips"] = model.to(out["rgb"].device)(to_nchw(out["rgb"]), to_nchw(batch["rgb"])).mean()
         scores[f"{split}/render_s_per_img"] = torch.tensor(seconds)
         return out, scores
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         out, scores = self._render_scored(batch, "val")
-        self.log_dict(scores, on_epoch=True, batch_size=1, sync_dist=True)
-        if batch_idx == 0 and self.trainer.is_global_zero:
-            panel = torch.cat([out["rgb"], batch["rgb"], depth_to_gray(out["depth"], out["acc"])], 1)
-            save_png(Path(self.trainer.default_root_dir) / "val_images" / f"step{self.global_step:06d}.png", panel)
-            for logger in wandb_loggers(self.trainer):
-                logger.log_image(key="val/panel", images=[panel.clamp(0, 1).cpu().numpy()], step=self.global_step,
-                                 caption=["prediction | ground truth | depth"])
+        with phase("log"):
+            self.log_dict(scores, on_epoch=True, batch_size=1, sync_dist=True)
+            if batch_idx == 0 and self.trainer.is_global_zero:
+                panel = torch.cat([out["rgb"], batch["rgb"], depth_to_gray(out["depth"], out["acc"])], 1)
+                save_png(Path(self.trainer.default_root_dir) / "val_images" / f"step{self.global_step:06d}.png", panel)
+                for logger in wandb_loggers(self.trainer):
+                    logger.log_image(key="val/panel", images=[panel.clamp(0, 1).cpu().numpy()], step=self.global_step,
+                                     caption=["prediction | ground truth | depth"])
 
     def on_test_epoch_start(self) -> None:
         self._test_rows: dict[int, dict] = {}

@@ -12,6 +12,7 @@ from src import kernels
 from src.models.dvgo.grid import DenseGrid, MaskGrid, grid_points
 from src.render import composite
 from src.render.encoding import positional_encoding
+from src.phases import phase
 
 
 class DirectVoxGO(nn.Module):
@@ -130,26 +131,32 @@ class DirectVoxGO(nn.Module):
         ``n_colour``: how many samples reached the colour grid (after culling and early termination).
         ``viewdirs``: unit world view directions when ``rays_d`` are not world directions (NDC), else None."""
         n_rays = rays_o.shape[0]
-        s = self.sample(rays_o, rays_d, near, stepsize)
+        with phase("sample"):
+            s = self.sample(rays_o, rays_d, near, stepsize)
         pts, ray_id, t, step_id = s["pts"], s["ray_id"], s["t"], s["step_id"]
-        alpha = kernels.raw2alpha(self.density(pts)[:, 0], self.act_shift_value, stepsize * self.voxel_size_ratio)
-        if self.fast_color_thres > 0:  # skip near-transparent samples before the colour query
-            keep = alpha > self.fast_color_thres
-            pts, ray_id, t, step_id, alpha = pts[keep], ray_id[keep], t[keep], step_id[keep], alpha[keep]
-        weights, T, T_last = kernels.alpha_to_weights(alpha, ray_id, n_rays, self.stop_T)
-        if self.fast_color_thres > 0 or self.stop_T > 0:  # samples whose weight is negligible, or past termination
-            keep = (weights > self.fast_color_thres) & (T >= self.stop_T)
-            pts, ray_id, t, step_id, weights = pts[keep], ray_id[keep], t[keep], step_id[keep], weights[keep]
-        k0 = self.k0(pts)
-        if self.rgbnet is None:
-            rgb = torch.sigmoid(k0)
-        else:
-            viewdirs = F.normalize(rays_d, dim=-1) if viewdirs is None else viewdirs
-            view_emb = positional_encoding(viewdirs, self.viewbase_pe)[ray_id]  # (M, 3 + 6 pe)
-            rgb = torch.sigmoid(self.rgbnet(torch.cat([k0, view_emb], -1)))
+        with phase("density"):
+            alpha = kernels.raw2alpha(self.density(pts)[:, 0], self.act_shift_value, stepsize * self.voxel_size_ratio)
+            if self.fast_color_thres > 0:  # skip near-transparent samples before the colour query
+                keep = alpha > self.fast_color_thres
+                pts, ray_id, t, step_id, alpha = pts[keep], ray_id[keep], t[keep], step_id[keep], alpha[keep]
+        with phase("composite"):
+            weights, T, T_last = kernels.alpha_to_weights(alpha, ray_id, n_rays, self.stop_T)
+            if self.fast_color_thres > 0 or self.stop_T > 0:  # samples whose weight is negligible, or past termination
+                keep = (weights > self.fast_color_thres) & (T >= self.stop_T)
+                pts, ray_id, t, step_id, weights = pts[keep], ray_id[keep], t[keep], step_id[keep], weights[keep]
+        with phase("colour"):
+            k0 = self.k0(pts)
+            if self.rgbnet is None:
+                rgb = torch.sigmoid(k0)
+            else:
+                viewdirs = F.normalize(rays_d, dim=-1) if viewdirs is None else viewdirs
+                view_emb = positional_encoding(viewdirs, self.viewbase_pe)[ray_id]  # (M, 3 + 6 pe)
+                rgb = torch.sigmoid(self.rgbnet(torch.cat([k0, view_emb], -1)))
+        with phase("composite"):
+            out_rgb = composite(weights, rgb, ray_id, n_rays, T_last, background)
+            depth = composite(weights, t[:, None], ray_id, n_rays)[:, 0]
         return {
-            "rgb": composite(weights, rgb, ray_id, n_rays, T_last, background),
-            "depth": composite(weights, t[:, None], ray_id, n_rays)[:, 0],
+            "rgb": out_rgb, "depth": depth,
             "acc": 1 - T_last,
             "T_last": T_last, "weights": weights, "raw_rgb": rgb, "ray_id": ray_id, "step_id": step_id,
             "n_steps": s["n_steps"], "n_colour": pts.shape[0],

@@ -18,6 +18,7 @@ from src.models.base import RenderMixin
 from src.models.dvgo import setup as dvgo_setup
 from src.models.dvgo.field import DirectVoxGO
 from src.models.dvgo.grid import MaskGrid
+from src.phases import phase
 
 log = logging.getLogger(__name__)
 
@@ -220,36 +221,41 @@ class DVGOModule(RenderMixin, L.LightningModule):
     def training_step(self, batch, batch_idx):
         step = self.global_step
         cfg, hp, tic = self.stage_cfg, self.hparams, time.perf_counter()
-        rays = self.ray_bank[self.sampler.indices(step)]
+        with phase("sample"):
+            rays = self.ray_bank[self.sampler.indices(step)]
         out = self.field(rays.rays_o, rays.rays_d, self.near, hp.stepsize, self.background, rays.viewdirs)
 
-        mse = F.mse_loss(out["rgb"], rays.rgb)
-        loss = mse
-        if cfg.weight_entropy_last > 0:  # push each ray to end fully opaque or fully empty
-            p = out["T_last"].clamp(1e-6, 1 - 1e-6)
-            loss = loss + cfg.weight_entropy_last * -(p * p.log() + (1 - p) * (1 - p).log()).mean()
-        if cfg.weight_rgbper > 0:  # every contributing sample should itself have the pixel's colour
-            per_point = (out["raw_rgb"] - rays.rgb[out["ray_id"]]).pow(2).sum(-1)
-            loss = loss + cfg.weight_rgbper * (per_point * out["weights"].detach()).sum() / len(rays)
-        if hp.weight_distortion > 0:  # s: normalised step position; n_max stays on the device (a 0-d tensor)
-            n_max = out["n_steps"].max().clamp(min=1).to(out["weights"].dtype)
-            s = (out["step_id"].to(n_max.dtype) + 0.5) / n_max
-            loss = loss + hp.weight_distortion * kernels.distortion_loss(out["weights"], s, 1 / n_max, out["ray_id"], len(rays))
-        self._check_finite(loss, step)
+        with phase("loss"):
+            mse = F.mse_loss(out["rgb"], rays.rgb)
+            loss = mse
+            if cfg.weight_entropy_last > 0:  # push each ray to end fully opaque or fully empty
+                p = out["T_last"].clamp(1e-6, 1 - 1e-6)
+                loss = loss + cfg.weight_entropy_last * -(p * p.log() + (1 - p) * (1 - p).log()).mean()
+            if cfg.weight_rgbper > 0:  # every contributing sample should itself have the pixel's colour
+                per_point = (out["raw_rgb"] - rays.rgb[out["ray_id"]]).pow(2).sum(-1)
+                loss = loss + cfg.weight_rgbper * (per_point * out["weights"].detach()).sum() / len(rays)
+            if hp.weight_distortion > 0:  # s: normalised step position; n_max stays on the device (a 0-d tensor)
+                n_max = out["n_steps"].max().clamp(min=1).to(out["weights"].dtype)
+                s = (out["step_id"].to(n_max.dtype) + 0.5) / n_max
+                loss = loss + hp.weight_distortion * kernels.distortion_loss(out["weights"], s, 1 / n_max, out["ray_id"], len(rays))
+            self._check_finite(loss, step)
 
         opt = self.optimizers()
-        opt.zero_grad(set_to_none=True)
+        with phase("optimizer"):
+            opt.zero_grad(set_to_none=True)
         sync = self._manual_grad_sync
         if sync:  # Lightning re-arms DDP's reducer before every step: disarm it for this backward
             self.trainer.model.require_backward_grad_sync = False
-        self.manual_backward(loss)
-        if sync:
-            self._average_gradients()
-        self._total_variation(self._local_step(step), len(rays))
-        opt.step()
-        decay = 0.1 ** (1 / (hp.lrate_decay * 1000))
-        for group in opt.optimizer.param_groups:
-            group["lr"] *= decay
+        with phase("backward"):
+            self.manual_backward(loss)
+            if sync:
+                self._average_gradients()
+        with phase("optimizer"):
+            self._total_variation(self._local_step(step), len(rays))
+            opt.step()
+            decay = 0.1 ** (1 / (hp.lrate_decay * 1000))
+            for group in opt.optimizer.param_groups:
+                group["lr"] *= decay
         self.stage_time[self.stage_name] += time.perf_counter() - tic
         psnr = -10 * torch.log10(mse.detach())
         if hp.log_every and (step + 1) % hp.log_every == 0:
@@ -257,8 +263,9 @@ class DVGOModule(RenderMixin, L.LightningModule):
                      self.stage_time[self.stage_name])
         if hp.log_every and (step + 1) % hp.log_every == 0:
             self._raise_if_nonfinite()
-        self.log_dict({"train/loss": loss.detach(), "train/psnr": psnr, "train/stage": float(self.stage_id)},
-                      prog_bar=True, batch_size=len(rays))
+        with phase("log"):
+            self.log_dict({"train/loss": loss.detach(), "train/psnr": psnr, "train/stage": float(self.stage_id)},
+                          prog_bar=True, batch_size=len(rays))
         return loss.detach()
 
     def _check_finite(self, loss: torch.Tensor, step: int) -> None:

@@ -13,13 +13,14 @@ from src.config import check_positive
 from src.data.rays import RayBank, RaySampler
 from src.models.base import RenderMixin
 from src.models.nerf.network import NeRFMLP
+from src.phases import PhaseHooks, phase
 from src.render import composite, render_weights
 from src.render.sampling import sample_pdf, stratified_depths
 
 log = logging.getLogger(__name__)
 
 
-class NeRFModule(RenderMixin, L.LightningModule):
+class NeRFModule(PhaseHooks, RenderMixin, L.LightningModule):
     """Args (``conf/model/nerf.yaml``, NeRF's published defaults):
         n_rand: rays per step. n_samples / n_importance: coarse / extra fine samples per ray.
         perturb: stratified jitter while training. lindisp: sample linearly in inverse depth.
@@ -121,34 +122,46 @@ class NeRFModule(RenderMixin, L.LightningModule):
         far = torch.full((n,), far_, device=rays_o.device)
         viewdirs = F.normalize(rays_d, dim=-1) if viewdirs is None else viewdirs
         noise = hp.raw_noise_std if train else 0.0
-        z = stratified_depths(near, far, hp.n_samples, perturb=hp.perturb and train, lindisp=hp.lindisp)
-        pts = rays_o[:, None] + rays_d[:, None] * z[..., None]
-        coarse = self._composite(*self._query(self.coarse, pts, viewdirs), z, rays_d, background, noise)
+        with phase("sample"):
+            z = stratified_depths(near, far, hp.n_samples, perturb=hp.perturb and train, lindisp=hp.lindisp)
+            pts = rays_o[:, None] + rays_d[:, None] * z[..., None]
+        with phase("mlp.coarse"):
+            raw = self._query(self.coarse, pts, viewdirs)
+        with phase("composite"):
+            coarse = self._composite(*raw, z, rays_d, background, noise)
         if self.fine is None:
             return {**coarse, "coarse_rgb": coarse["rgb"]}
-        mids = 0.5 * (z[:, 1:] + z[:, :-1])
-        z_new = sample_pdf(mids, coarse["weights"][:, 1:-1], hp.n_importance, det=not (hp.perturb and train))
-        z_all = torch.sort(torch.cat([z, z_new], -1), -1).values
-        pts = rays_o[:, None] + rays_d[:, None] * z_all[..., None]
-        fine = self._composite(*self._query(self.fine, pts, viewdirs), z_all, rays_d, background, noise)
+        with phase("sample.importance"):
+            mids = 0.5 * (z[:, 1:] + z[:, :-1])
+            z_new = sample_pdf(mids, coarse["weights"][:, 1:-1], hp.n_importance, det=not (hp.perturb and train))
+            z_all = torch.sort(torch.cat([z, z_new], -1), -1).values
+            pts = rays_o[:, None] + rays_d[:, None] * z_all[..., None]
+        with phase("mlp.fine"):
+            raw = self._query(self.fine, pts, viewdirs)
+        with phase("composite"):
+            fine = self._composite(*raw, z_all, rays_d, background, noise)
         return {"rgb": fine["rgb"], "depth": fine["depth"], "acc": fine["acc"], "coarse_rgb": coarse["rgb"]}
 
     # ---- training ---------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
         step = self.global_step
-        if self.crop_pool is not None and step < self.hparams.precrop_iters:
-            idx = self.crop_pool[self.crop_sampler.indices(step)]
-        else:
-            idx = self.sampler.indices(step)
-        rays = self.ray_bank[idx.to(self.device)]
+        with phase("sample"):
+            if self.crop_pool is not None and step < self.hparams.precrop_iters:
+                idx = self.crop_pool[self.crop_sampler.indices(step)]
+            else:
+                idx = self.sampler.indices(step)
+        with phase("sample"):
+            rays = self.ray_bank[idx.to(self.device)]
         out = self.render_rays(rays.rays_o, rays.rays_d, rays.viewdirs)
-        mse = F.mse_loss(out["rgb"], rays.rgb)
-        loss = mse + F.mse_loss(out["coarse_rgb"], rays.rgb) if self.fine is not None else mse
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite training loss ({loss.item()}) at step {step}; stopping before the "
-                                     "optimizer step, so the last checkpoint is intact")
-        self.log_dict({"train/loss": loss.detach(), "train/psnr": -10 * torch.log10(mse.detach())}, prog_bar=True,
-                      batch_size=len(rays))
+        with phase("loss"):
+            mse = F.mse_loss(out["rgb"], rays.rgb)
+            loss = mse + F.mse_loss(out["coarse_rgb"], rays.rgb) if self.fine is not None else mse
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite training loss ({loss.item()}) at step {step}; stopping before the "
+                                         "optimizer step, so the last checkpoint is intact")
+        with phase("log"):
+            self.log_dict({"train/loss": loss.detach(), "train/psnr": -10 * torch.log10(mse.detach())}, prog_bar=True,
+                          batch_size=len(rays))
         return loss
 
     def geometry_field(self):

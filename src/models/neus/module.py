@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from src.config import check_positive
 from src.models.base import RenderMixin
 from src.models.neus.network import BackgroundNeRF, RenderingNetwork, SDFNetwork, SingleVariance
+from src.phases import PhaseHooks, phase
 from src.render.compositing import dense_weights
 from src.render.rays import rays_through
 from src.render.sampling import sample_pdf
@@ -61,7 +62,7 @@ def neus_alpha(sdf: torch.Tensor, grad: torch.Tensor, dirs: torch.Tensor, dists:
     return ((prev_cdf - next_cdf + 1e-5) / (prev_cdf + 1e-5)).clamp(0.0, 1.0)
 
 
-class NeuSModule(RenderMixin, L.LightningModule):
+class NeuSModule(PhaseHooks, RenderMixin, L.LightningModule):
     """Args (``conf/model/neus.yaml``: NeuS's published ``wmask.conf``):
         batch_size: rays per step, all from one image (NeuS cycles through shuffled images).
         n_samples, n_importance, up_sample_steps: coarse samples, extra samples added over the steps.
@@ -164,55 +165,64 @@ class NeuSModule(RenderMixin, L.LightningModule):
         hp = self.hparams
         rays_d = F.normalize(rays_d, dim=-1)
         n = rays_o.shape[0]
-        near, far = near_far_from_sphere(rays_o, rays_d)
-        sample_dist = 2.0 / hp.n_samples
-        u = torch.linspace(0.0, 1.0, hp.n_samples, device=rays_o.device)
-        z = near[:, None] + (far - near)[:, None] * u
-        train = self.training and hp.perturb > 0
-        if train:  # one shift per ray, as NeuS
-            z = z + (torch.rand(n, 1, device=z.device) - 0.5) * sample_dist
-        z_out = None
-        if hp.n_outside > 0:
-            t = torch.linspace(1e-3, 1.0 - 1.0 / (hp.n_outside + 1.0), hp.n_outside, device=z.device).expand(n, -1)
-            if train:
-                mids = 0.5 * (t[:, 1:] + t[:, :-1])
-                upper, lower = torch.cat([mids, t[:, -1:]], -1), torch.cat([t[:, :1], mids], -1)
-                t = lower + (upper - lower) * torch.rand_like(t)
-            z_out = far[:, None] / torch.flip(t, [-1]) + 1.0 / hp.n_samples
+        with phase("sample"):
+            near, far = near_far_from_sphere(rays_o, rays_d)
+            sample_dist = 2.0 / hp.n_samples
+            u = torch.linspace(0.0, 1.0, hp.n_samples, device=rays_o.device)
+            z = near[:, None] + (far - near)[:, None] * u
+            train = self.training and hp.perturb > 0
+            if train:  # one shift per ray, as NeuS
+                z = z + (torch.rand(n, 1, device=z.device) - 0.5) * sample_dist
+            z_out = None
+            if hp.n_outside > 0:
+                t = torch.linspace(1e-3, 1.0 - 1.0 / (hp.n_outside + 1.0), hp.n_outside, device=z.device).expand(n, -1)
+                if train:
+                    mids = 0.5 * (t[:, 1:] + t[:, :-1])
+                    upper, lower = torch.cat([mids, t[:, -1:]], -1), torch.cat([t[:, :1], mids], -1)
+                    t = lower + (upper - lower) * torch.rand_like(t)
+                z_out = far[:, None] / torch.flip(t, [-1]) + 1.0 / hp.n_samples
         if hp.n_importance > 0 and hp.up_sample_steps > 0:
-            z = self._upsample(rays_o, rays_d, z)
+            with phase("sample.importance"):
+                z = self._upsample(rays_o, rays_d, z)
         s = z.shape[1]
         bg_rgb = bg_alpha = None
         if z_out is not None:
-            z_feed = torch.sort(torch.cat([z, z_out], -1), -1).values
-            bg_rgb, bg_alpha = self._background(rays_o, rays_d, z_feed, sample_dist)
+            with phase("background"):
+                z_feed = torch.sort(torch.cat([z, z_out], -1), -1).values
+                bg_rgb, bg_alpha = self._background(rays_o, rays_d, z_feed, sample_dist)
 
-        dists = torch.cat([z[:, 1:] - z[:, :-1], torch.full_like(z[:, :1], sample_dist)], -1)
-        mid_z = z + dists * 0.5
-        pts = (rays_o[:, None] + rays_d[:, None] * mid_z[..., None]).reshape(-1, 3)
-        dirs = rays_d[:, None].expand(n, s, 3).reshape(-1, 3)
-        sdf, feature, grad = self.sdf_net.sdf_and_gradient(pts, create_graph=torch.is_grad_enabled())
-        rgb = self.color_net(pts, grad, dirs, feature).reshape(n, s, 3)
-        inv_s = self.variance.inv_s()
-        alpha = neus_alpha(sdf, grad, dirs, dists.reshape(-1), inv_s, self.cos_anneal_ratio()).reshape(n, s)
-        pts_norm = pts.norm(dim=-1).reshape(n, s)
-        inside = (pts_norm < 1.0).to(alpha.dtype)
-        if bg_alpha is not None:  # inside the sphere the SDF, outside it NeRF++ (both at NeuS's sample depths)
-            alpha = torch.cat([alpha * inside + bg_alpha[:, :s] * (1 - inside), bg_alpha[:, s:]], -1)
-            rgb = torch.cat([rgb * inside[..., None] + bg_rgb[:, :s] * (1 - inside[..., None]), bg_rgb[:, s:]], 1)
-            z_w = torch.cat([mid_z, z_out], -1)  # depths of the merged samples (z_out lies beyond every z)
-        else:
-            z_w = mid_z
-        weights = dense_weights(alpha, eps=1e-7)
-        acc = weights.sum(-1)
-        color = (rgb * weights[..., None]).sum(1)
-        if bg_alpha is None and hp.background:
-            color = color + hp.background * (1.0 - acc[:, None])
-        relax = (pts_norm < 1.2).to(alpha.dtype)
-        eikonal = (((grad.reshape(n, s, 3).norm(dim=-1) - 1.0) ** 2) * relax).sum() / (relax.sum() + 1e-5)
-        w_in = weights[:, :s]
-        normal = (F.normalize(grad, dim=-1).reshape(n, s, 3) * (w_in * inside)[..., None]).sum(1)
-        depth = (weights * z_w).sum(-1)
+        with phase("sample"):
+            dists = torch.cat([z[:, 1:] - z[:, :-1], torch.full_like(z[:, :1], sample_dist)], -1)
+            mid_z = z + dists * 0.5
+            pts = (rays_o[:, None] + rays_d[:, None] * mid_z[..., None]).reshape(-1, 3)
+            dirs = rays_d[:, None].expand(n, s, 3).reshape(-1, 3)
+        with phase("sdf"):
+            sdf, feature, grad = self.sdf_net.sdf_and_gradient(pts, create_graph=torch.is_grad_enabled())
+        with phase("colour"):
+            rgb = self.color_net(pts, grad, dirs, feature).reshape(n, s, 3)
+        with phase("composite"):
+            inv_s = self.variance.inv_s()
+            alpha = neus_alpha(sdf, grad, dirs, dists.reshape(-1), inv_s, self.cos_anneal_ratio()).reshape(n, s)
+            pts_norm = pts.norm(dim=-1).reshape(n, s)
+            inside = (pts_norm < 1.0).to(alpha.dtype)
+            if bg_alpha is not None:  # inside the sphere the SDF, outside it NeRF++ (both at NeuS's sample depths)
+                alpha = torch.cat([alpha * inside + bg_alpha[:, :s] * (1 - inside), bg_alpha[:, s:]], -1)
+                rgb = torch.cat([rgb * inside[..., None] + bg_rgb[:, :s] * (1 - inside[..., None]), bg_rgb[:, s:]], 1)
+                z_w = torch.cat([mid_z, z_out], -1)  # depths of the merged samples (z_out lies beyond every z)
+            else:
+                z_w = mid_z
+            weights = dense_weights(alpha, eps=1e-7)
+            acc = weights.sum(-1)
+            color = (rgb * weights[..., None]).sum(1)
+            if bg_alpha is None and hp.background:
+                color = color + hp.background * (1.0 - acc[:, None])
+        with phase("eikonal"):
+            relax = (pts_norm < 1.2).to(alpha.dtype)
+            eikonal = (((grad.reshape(n, s, 3).norm(dim=-1) - 1.0) ** 2) * relax).sum() / (relax.sum() + 1e-5)
+        with phase("composite"):
+            w_in = weights[:, :s]
+            normal = (F.normalize(grad, dim=-1).reshape(n, s, 3) * (w_in * inside)[..., None]).sum(1)
+            depth = (weights * z_w).sum(-1)
         return {"rgb": color, "depth": depth, "acc": acc, "normal": normal}, eikonal
 
     # ---- training -----------------------------------------------------------------------------------
@@ -242,22 +252,25 @@ class NeuSModule(RenderMixin, L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         hp = self.hparams
-        rays = self.draw_rays(self.global_step)
+        with phase("sample"):
+            rays = self.draw_rays(self.global_step)
         out, eikonal = self._render(rays["rays_o"], rays["rays_d"])
-        mask = (rays["mask"] > 0.5).float() if hp.mask_weight > 0 else torch.ones_like(rays["mask"])
-        mask_sum = mask.sum() + 1e-5
-        err = (out["rgb"] - rays["rgb"]) * mask[:, None]
-        color_loss = err.abs().sum() / mask_sum
-        psnr = 20.0 * torch.log10(1.0 / ((err**2).sum() / (mask_sum * 3.0)).sqrt())
-        loss = color_loss + hp.igr_weight * eikonal
-        if hp.mask_weight > 0:
-            loss = loss + hp.mask_weight * F.binary_cross_entropy(out["acc"].clamp(1e-3, 1 - 1e-3), mask)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite training loss ({loss.item()}) at step {self.global_step}; stopping "
-                                     "before the optimizer step, so the last checkpoint is intact")
-        self.log_dict({"train/loss": loss.detach(), "train/psnr": psnr.detach(), "train/eikonal": eikonal.detach(),
-                       "train/s_val": 1.0 / self.variance.inv_s().detach(), "train/cos_anneal": self.cos_anneal_ratio()},
-                      prog_bar=True, batch_size=hp.batch_size)
+        with phase("loss"):
+            mask = (rays["mask"] > 0.5).float() if hp.mask_weight > 0 else torch.ones_like(rays["mask"])
+            mask_sum = mask.sum() + 1e-5
+            err = (out["rgb"] - rays["rgb"]) * mask[:, None]
+            color_loss = err.abs().sum() / mask_sum
+            psnr = 20.0 * torch.log10(1.0 / ((err**2).sum() / (mask_sum * 3.0)).sqrt())
+            loss = color_loss + hp.igr_weight * eikonal
+            if hp.mask_weight > 0:
+                loss = loss + hp.mask_weight * F.binary_cross_entropy(out["acc"].clamp(1e-3, 1 - 1e-3), mask)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite training loss ({loss.item()}) at step {self.global_step}; stopping "
+                                         "before the optimizer step, so the last checkpoint is intact")
+        with phase("log"):
+            self.log_dict({"train/loss": loss.detach(), "train/psnr": psnr.detach(), "train/eikonal": eikonal.detach(),
+                           "train/s_val": 1.0 / self.variance.inv_s().detach(), "train/cos_anneal": self.cos_anneal_ratio()},
+                          prog_bar=True, batch_size=hp.batch_size)
         return loss
 
     # ---- geometry -----------------------------------------------------------------------------------

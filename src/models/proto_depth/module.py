@@ -20,9 +20,10 @@ from src.geometry.mesh import sample_points
 from src.models.base import depth_to_gray, finish_test
 from src.models.proto_depth.losses import hybrid_chamfer, slot_coverage
 from src.models.proto_depth.network import ProtoDepthNet, slot_colours
+from src.phases import PhaseHooks, phase
 
 
-class ProtoDepthModule(L.LightningModule):
+class ProtoDepthModule(PhaseHooks, L.LightningModule):
     """Args (``conf/model/proto_depth.yaml``): net: ``ProtoDepthNet`` options (num_slots, num_prototypes,
     ico_level, ...). samples_per_slot: points sampled on each slot's mesh per step. k_nearest: neighbours of
     the target-to-prediction term. w_target, w_slot, w_repulse, repulse_margin: the hybrid Chamfer loss.
@@ -58,31 +59,39 @@ class ProtoDepthModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         hp = self.hparams
         out = self.net(batch["depth"], looped=hp.looped_transform)
-        pred = self._surface(out, hp.samples_per_slot)
-        terms = hybrid_chamfer(pred, self._normalised(batch), out["trans"], hp.k_nearest, hp.w_target, hp.w_slot,
-                               hp.w_repulse, hp.repulse_margin, dense=hp.dense_chamfer)
-        reg = self.net.prototypes.regularisers()
-        loss = terms["loss"] + hp.w_edge * reg["edge"] + hp.w_normal * reg["normal"] + hp.w_laplacian * reg["laplacian"]
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite training loss ({loss.item()}) at step {self.global_step}; "
-                                     "stopping before the optimizer step, so the last checkpoint is intact")
-        self.log_dict({"train/loss": loss.detach(), **{f"train/{k}": v.detach() for k, v in {**terms, **reg}.items()
-                                                        if k != "loss"}}, prog_bar=False, batch_size=pred.shape[0])
+        with phase("sample"):
+            pred = self._surface(out, hp.samples_per_slot)
+        with phase("chamfer"):
+            terms = hybrid_chamfer(pred, self._normalised(batch), out["trans"], hp.k_nearest, hp.w_target, hp.w_slot,
+                                   hp.w_repulse, hp.repulse_margin, dense=hp.dense_chamfer)
+        with phase("regularisers"):
+            reg = self.net.prototypes.regularisers()
+            loss = terms["loss"] + hp.w_edge * reg["edge"] + hp.w_normal * reg["normal"] + hp.w_laplacian * reg["laplacian"]
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite training loss ({loss.item()}) at step {self.global_step}; "
+                                         "stopping before the optimizer step, so the last checkpoint is intact")
+        with phase("log"):
+            self.log_dict({"train/loss": loss.detach(), **{f"train/{k}": v.detach() for k, v in {**terms, **reg}.items()
+                                                            if k != "loss"}}, prog_bar=False, batch_size=pred.shape[0])
         return loss
 
     @torch.no_grad()
     def _score(self, batch: dict) -> tuple[dict, torch.Tensor]:
         """Predicted surface points in the camera frame (B, K, S, 3) and the bidirectional Chamfer (B,)."""
         out = self.net(batch["depth"])
-        g = torch.Generator(device=self.device).manual_seed(0)
-        pred = self._surface(out, self.hparams.eval_samples_per_slot, g)
-        pred = pred * batch["radius"][:, None, None, None] + batch["centre"][:, None, None]
+        with phase("sample"):
+            g = torch.Generator(device=self.device).manual_seed(0)
+            pred = self._surface(out, self.hparams.eval_samples_per_slot, g)
+            pred = pred * batch["radius"][:, None, None, None] + batch["centre"][:, None, None]
         b, k, s, _ = pred.shape
-        return {"pred": pred, "chamfer": chamfer(pred.reshape(b, k * s, 3), batch["points"])}, out["weights"]
+        with phase("chamfer"):
+            cd = chamfer(pred.reshape(b, k * s, 3), batch["points"])
+        return {"pred": pred, "chamfer": cd}, out["weights"]
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         scores, _ = self._score(batch)
-        self.log("val/chamfer", scores["chamfer"].mean(), batch_size=batch["points"].shape[0], sync_dist=True)
+        with phase("log"):
+            self.log("val/chamfer", scores["chamfer"].mean(), batch_size=batch["points"].shape[0], sync_dist=True)
 
     def on_test_epoch_start(self) -> None:
         self._test_rows: dict[int, dict] = {}

@@ -11,6 +11,7 @@ import torch.nn as nn
 
 from src.geometry.mesh import icosphere
 from src.geometry.rotation import euler_angles_to_matrix
+from src.phases import phase
 
 
 def ico_sphere(level: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,10 +152,12 @@ class ProtoDepthNet(nn.Module):
         self.prototypes = Prototypes(num_prototypes, ico_level, seed=seed)
 
     def forward(self, depth: torch.Tensor, looped: bool = False) -> dict[str, torch.Tensor]:
-        slots = self.heads(self.encoder(depth))
-        transform = transform_meshes_looped if looped else transform_meshes
-        placed = transform(self.prototypes.verts(), slots["scale"], slots["euler"], slots["trans"])  # (B, K, P, V, 3)
-        slots["verts"] = torch.einsum("bkp,bkpvc->bkvc", slots["weights"], placed)  # (B, K, V, 3)
+        with phase("encode"):
+            slots = self.heads(self.encoder(depth))
+        with phase("transform"):
+            transform = transform_meshes_looped if looped else transform_meshes
+            placed = transform(self.prototypes.verts(), slots["scale"], slots["euler"], slots["trans"])  # (B, K, P, V, 3)
+            slots["verts"] = torch.einsum("bkp,bkpvc->bkvc", slots["weights"], placed)  # (B, K, V, 3)
         return slots
 
 

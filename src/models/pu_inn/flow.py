@@ -37,6 +37,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from src.phases import phase
+
 ESTIMATORS = ("exact", "exact_trace", "fixed", "poisson", "geometric")
 INVERSE_GRADS = ("implicit", "unrolled")
 
@@ -202,7 +204,8 @@ class ResidualBlock(nn.Module):
             if context is not None and torch.is_inference(context):
                 context = context.clone()  # a normal tensor: it takes part in the graph of the log-det
             gx = self.g_of(xg, context)
-            logdet = self.logdet(xg, gx, name, create_graph)
+            with phase("logdet"):
+                logdet = self.logdet(xg, gx, name, create_graph)
         if not create_graph:
             gx, logdet = gx.detach(), logdet.detach()
         return x + gx, logdet

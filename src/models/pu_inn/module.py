@@ -19,6 +19,7 @@ from src.geometry.pu_metrics import (cd_hd, emd_exact, even_surface_sample, fart
 from src.models.base import finish_test
 from src.models.pu_inn.losses import repulsion_loss, uniform_loss
 from src.models.pu_inn.network import PUINN
+from src.phases import PhaseHooks, phase
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ def score_shape(pred: torch.Tensor, verts, faces, gt_points: int | None = None, 
     return scores
 
 
-class PUINNModule(L.LightningModule):
+class PUINNModule(PhaseHooks, L.LightningModule):
     """Args (``conf/model/pu_inn.yaml``): net: ``PUINN`` options. lr, weight_decay, lr_decay_every,
     lr_decay: Adam with step decay. w_cd, w_uniform, w_emd, w_repulsion, w_nll: loss weights (sources in the
     config). iters: training steps. logdet_exact_every: every how many validations the exact log-det is
@@ -110,13 +111,14 @@ class PUINNModule(L.LightningModule):
         (``_parts``), for validation's log-det report."""
         hp = self.hparams
         out = self.net(batch["sparse"])
-        losses = {"cd": chamfer(out["dense"], batch["dense"]).mean()}
-        if hp.w_uniform > 0:
-            losses["uniform"] = uniform_loss(out["dense"])
-        if hp.w_repulsion > 0:
-            losses["repulsion"] = repulsion_loss(out["dense"])
-        if hp.w_emd > 0:
-            losses["emd"] = emd_exact(out["dense"], batch["dense"]).mean()
+        with phase("loss"):
+            losses = {"cd": chamfer(out["dense"], batch["dense"]).mean()}
+            if hp.w_uniform > 0:
+                losses["uniform"] = uniform_loss(out["dense"])
+            if hp.w_repulsion > 0:
+                losses["repulsion"] = repulsion_loss(out["dense"])
+            if hp.w_emd > 0:
+                losses["emd"] = emd_exact(out["dense"], batch["dense"]).mean()
         if hp.w_nll > 0 or logdet_parts:
             nll, logdet, ctx = self.net.nll(batch["sparse"], out["features"], batch["dense"], with_parts=True)
             losses["nll"] = nll
@@ -131,8 +133,9 @@ class PUINNModule(L.LightningModule):
         if not torch.isfinite(losses["loss"]):
             raise FloatingPointError(f"non-finite training loss ({losses['loss'].item()}) at step {self.global_step}; "
                                      "stopping before the optimizer step, so the last checkpoint is intact")
-        self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, prog_bar=True,
-                      batch_size=batch["sparse"].shape[0])
+        with phase("log"):
+            self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, prog_bar=True,
+                          batch_size=batch["sparse"].shape[0])
         return losses["loss"]
 
     def on_validation_epoch_start(self) -> None:
@@ -156,18 +159,21 @@ class PUINNModule(L.LightningModule):
         losses = self._losses(batch, logdet_parts=True)
         logdet, ctx = losses.pop("_parts")
         n = batch["sparse"].shape[0]
-        self.log_dict({f"val/{k}": v.detach() for k, v in losses.items()}, batch_size=n, sync_dist=True)
-        self.log("val/logdet", logdet.detach().mean(), batch_size=n, sync_dist=True)
+        with phase("log"):
+            self.log_dict({f"val/{k}": v.detach() for k, v in losses.items()}, batch_size=n, sync_dist=True)
+            self.log("val/logdet", logdet.detach().mean(), batch_size=n, sync_dist=True)
         every = self.hparams.logdet_exact_every
         if every and self._n_validations % every == 0:
             if self.eval_estimator == "exact":
                 exact = logdet
             else:
-                _, exact = self.net.flow(batch["dense"].reshape(-1, 3), ctx, estimator="exact")
+                with phase("logdet"):
+                    _, exact = self.net.flow(batch["dense"].reshape(-1, 3), ctx, estimator="exact")
             err = (logdet - exact).detach()
-            self.log_dict({"val/logdet_exact": exact.detach().mean(), "val/logdet_bias": err.mean(),
-                           "val/logdet_error_std": err.std() if err.numel() > 1 else err.abs().mean()},
-                          batch_size=n, sync_dist=True)
+            with phase("log"):
+                self.log_dict({"val/logdet_exact": exact.detach().mean(), "val/logdet_bias": err.mean(),
+                               "val/logdet_error_std": err.std() if err.numel() > 1 else err.abs().mean()},
+                              batch_size=n, sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         if not self.trainer.sanity_checking:

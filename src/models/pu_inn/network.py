@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from src.geometry.knn import knn_points
 from src.models.pu_inn.flow import ResidualBlock
+from src.phases import phase
 
 
 def knn(points: torch.Tensor, k: int, queries: torch.Tensor | None = None) -> torch.Tensor:
@@ -93,15 +94,19 @@ class PUINN(nn.Module):
         if r != self.up_ratio:
             raise ValueError(f"this model interpolates {self.up_ratio} points per input point, not {r}")
         b, n, _ = sparse.shape
-        feat, idx = self.features(sparse)
+        with phase("features"):
+            feat, idx = self.features(sparse)
         ctx = feat.reshape(b * n, -1)
-        z, logdet = self.flow(sparse.reshape(b * n, 3), ctx, with_logdet=with_logdet)
-        w = torch.softmax(self.interp(feat).reshape(b, n, r, self.k), -1)  # (B, N, r, k)
-        z_nb = gather(z.reshape(b, n, 3), idx)  # (B, N, k, 3)
-        c_nb = gather(feat, idx)
-        z_new = torch.einsum("bnrk,bnkc->bnrc", w, z_nb).reshape(b * n * r, 3)
-        c_new = torch.einsum("bnrk,bnkc->bnrc", w, c_nb).reshape(b * n * r, -1)
-        dense = self.flow_inverse(z_new, c_new).reshape(b, n * r, 3)
+        with phase("flow.forward"):
+            z, logdet = self.flow(sparse.reshape(b * n, 3), ctx, with_logdet=with_logdet)
+        with phase("interpolate"):
+            w = torch.softmax(self.interp(feat).reshape(b, n, r, self.k), -1)  # (B, N, r, k)
+            z_nb = gather(z.reshape(b, n, 3), idx)  # (B, N, k, 3)
+            c_nb = gather(feat, idx)
+            z_new = torch.einsum("bnrk,bnkc->bnrc", w, z_nb).reshape(b * n * r, 3)
+            c_new = torch.einsum("bnrk,bnkc->bnrc", w, c_nb).reshape(b * n * r, -1)
+        with phase("flow.inverse"):
+            dense = self.flow_inverse(z_new, c_new).reshape(b, n * r, 3)
         return {"dense": dense, "latent": z.reshape(b, n, 3), "features": feat,
                 "logdet": None if logdet is None else logdet.reshape(b, n)}
 
@@ -119,10 +124,12 @@ class PUINN(nn.Module):
         """Negative log-likelihood (nats per point, standard normal prior on the latent) of target points
         (B, M, 3) under the flow, each conditioned on ``target_context``; ``with_parts``: also the per-point
         log-dets (B M,) and the context."""
-        ctx = self.target_context(sparse, feat, dense)
-        z, logdet = self.flow(dense.reshape(-1, 3), ctx, estimator=estimator)
-        log_prior = -0.5 * (z**2).sum(-1) - 1.5 * math.log(2 * math.pi)
-        nll = -(log_prior + logdet).mean()
+        with phase("nll"):
+            ctx = self.target_context(sparse, feat, dense)
+            with phase("flow.forward"):  # the log-det inside it is its own phase
+                z, logdet = self.flow(dense.reshape(-1, 3), ctx, estimator=estimator)
+            log_prior = -0.5 * (z**2).sum(-1) - 1.5 * math.log(2 * math.pi)
+            nll = -(log_prior + logdet).mean()
         return (nll, logdet, ctx) if with_parts else nll
 
     def refresh(self, n: int = 50) -> None:
