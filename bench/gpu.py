@@ -277,7 +277,7 @@ def memory_section(tiny: bool, data_dir: str | None, tmp: str) -> list[str]:
     for name, over in presets.items():
         try:
             m, _ = train_run([*over, *common], tmp, f"memory_{name}")
-            rows.append(f"| {name} | {m['train/steps']} | {m['memory/growth_mb_per_step']:.4f} | {m['memory/leak_found']} |")
+            rows.append(f"| {name} | {m['train/steps']} | {m['memory/growth_mb_per_step'] if m['memory/growth_mb_per_step'] is None else format(m['memory/growth_mb_per_step'], '.4f')} | {m['memory/leak_found']} |")
         except Exception as e:  # noqa: BLE001 - one method failing does not hide the others
             rows.append(f"| {name} | | failed: {str(e)[-300:]} | |")
         print(rows[-1], flush=True)

@@ -117,7 +117,7 @@ def test_memory_validation_leak_is_named_with_shape_rate_and_line(tmp_path, grap
     summary = cb.summary()
     assert summary["memory/val/leak_found"] is True and summary["memory/train/leak_found"] is False, summary
     assert summary["memory/leak_found"] is True
-    assert summary["memory/val/growth_mb_per_step"] > 1.5  # RSS slope, CPU (seen 2.4-2.6 detached, 4.3 graph-held)
+    assert summary["memory/val/growth_mb_per_step"] > 1.5  # RSS slope, CPU (seen 2.4-2.6 detached, 3.4-4.3 graph-held)
     top = cb.series["val"].leak[0]
     report = (tmp_path / "memory_leak.txt").read_text()
     assert "in the val loop" in report, report

@@ -519,17 +519,20 @@ class MemoryGrowth(L.Callback):
             w.writerows(rows)
 
     def summary(self) -> dict:
-        """Flat metrics for metrics.json: each loop's growth rate and whether a leak was found in it;
-        ``memory/growth_mb_per_step`` is the training loop's, ``memory/leak_found`` any loop's."""
+        """Flat metrics for metrics.json: each loop's steps, growth rate (the median window slope; None when the loop
+        ran fewer steps than one ``window``) and whether a leak was found in it; ``memory/growth_mb_per_step`` is
+        the training loop's, ``memory/leak_found`` any loop's."""
         out = {}
         for loop, s in self.series.items():
             if not s.rows:
                 continue
-            growth = statistics.median(s.window_slopes) if s.window_slopes else 0.0
-            out.update({f"memory/{loop}/growth_mb_per_step": round(growth / MB, 4),
-                        f"memory/{loop}/max_window_growth_mb_per_step": round(s.max_growth / MB, 4),
+            fitted = bool(s.window_slopes)  # None: the loop ran fewer steps than one window, no rate to give
+            out.update({f"memory/{loop}/steps": s.steps,
+                        f"memory/{loop}/growth_mb_per_step":
+                            round(statistics.median(s.window_slopes) / MB, 4) if fitted else None,
+                        f"memory/{loop}/max_window_growth_mb_per_step": round(s.max_growth / MB, 4) if fitted else None,
                         f"memory/{loop}/leak_found": s.leak is not None})
-        out["memory/growth_mb_per_step"] = out.get("memory/train/growth_mb_per_step", 0.0)
-        out["memory/max_window_growth_mb_per_step"] = out.get("memory/train/max_window_growth_mb_per_step", 0.0)
+        out["memory/growth_mb_per_step"] = out.get("memory/train/growth_mb_per_step")
+        out["memory/max_window_growth_mb_per_step"] = out.get("memory/train/max_window_growth_mb_per_step")
         out["memory/leak_found"] = self.leak is not None
         return out
