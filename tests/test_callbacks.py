@@ -58,9 +58,10 @@ def test_memory_planted_leak_is_named_with_shape_and_rate(tmp_path):
     assert "(8, 3, 256) float32" in report and "+96/step" in report
     assert f"made at tests/test_callbacks.py:{_line_of('self.kept.extend(torch.randn(8, 3, 256) for _ in range(96))')}" in report
     assert "in the train loop" in report
-    assert cb.summary()["memory/growth_mb_per_step"] == pytest.approx(2.25, rel=0.25)  # RSS slope, CPU
+    assert cb.summary()["memory/growth_mb_per_step"] == pytest.approx(2.25, rel=0.25)  # heap slope, CPU (seen 2.28)
     rows = list(csv.DictReader((tmp_path / "memory.csv").open()))
-    assert len(rows) == 60 and float(rows[-1]["rss_mb"]) > float(rows[0]["rss_mb"]) + 100
+    col = "heap_mb" if "heap_mb" in rows[0] else "rss_mb"  # the growth signal (resident memory off glibc)
+    assert len(rows) == 60 and float(rows[-1][col]) > float(rows[0][col]) + 100
 
 
 def test_memory_fail_option_stops_the_run_after_naming_the_leak(tmp_path):
@@ -117,7 +118,7 @@ def test_memory_validation_leak_is_named_with_shape_rate_and_line(tmp_path, grap
     summary = cb.summary()
     assert summary["memory/val/leak_found"] is True and summary["memory/train/leak_found"] is False, summary
     assert summary["memory/leak_found"] is True
-    assert summary["memory/val/growth_mb_per_step"] > 1.5  # RSS slope, CPU (seen 2.4-2.6 detached, 3.4-4.3 graph-held)
+    assert summary["memory/val/growth_mb_per_step"] > 1.5  # heap slope, CPU (seen 2.32 detached, 2.48 graph-held)
     top = cb.series["val"].leak[0]
     report = (tmp_path / "memory_leak.txt").read_text()
     assert "in the val loop" in report, report

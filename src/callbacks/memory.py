@@ -1,8 +1,9 @@
 """Memory growth per step in every loop (training, validation, test), and a report that names what grew, how
 much memory it holds (through autograd graphs too) and the source lines that made it.
 
-Each step of each loop records CUDA allocated / reserved / peak memory (on a GPU) or the process's resident
-memory (on a CPU) to ``memory.csv``, one series per loop (column ``loop``; ``step`` counts that loop's steps
+Each step of each loop records CUDA allocated / reserved / peak memory (on a GPU) or, on a CPU, the process's
+resident memory and malloc's in-use bytes (:func:`heap_bytes`, glibc; the growth signal there: resident memory
+stays flat while a leak refills memory freed earlier) to ``memory.csv``, one series per loop (column ``loop``; ``step`` counts that loop's steps
 over the whole run). Growth per step is a Theil-Sen slope (median of pairwise slopes) over a sliding window
 of each series, so one-off jumps - a grid that doubles at a progressive-scaling step, a new optimizer, a
 validation pass between two training steps - do not read as a leak while a steady per-step increase does.
@@ -33,6 +34,7 @@ named tensor, and the report says so.
 from __future__ import annotations
 
 import csv
+import ctypes
 import gc
 import logging
 import os
@@ -72,6 +74,33 @@ def rss_bytes() -> int:
     """Resident set size of this process (Linux /proc; 0 where unavailable)."""
     kb = _proc_status_kb("VmRSS")
     return 0 if kb is None else kb * 1024
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                                                "uordblks", "fordblks", "keepcost")]
+
+
+def _mallinfo2():
+    try:
+        fn = ctypes.CDLL(None).mallinfo2  # glibc >= 2.33
+    except (OSError, AttributeError):
+        return None
+    fn.restype = _MallInfo2
+    return fn
+
+
+_MALLINFO2 = _mallinfo2()
+
+
+def heap_bytes() -> int | None:
+    """Bytes malloc has handed out and not had back (glibc's ``mallinfo2``: in-use heap chunks plus mmapped
+    blocks; where torch's CPU tensors live), or None off glibc. Unlike resident memory it does not stay flat
+    while a leak reuses memory freed earlier, nor move with the allocator's caching."""
+    if _MALLINFO2 is None:
+        return None
+    m = _MALLINFO2()
+    return m.uordblks + m.hblkhd
 
 
 def peak_rss_mb() -> float:
@@ -285,7 +314,7 @@ class MemoryGrowth(L.Callback):
         out_dir: where ``memory.csv``, ``memory_leak.txt`` and ``memory_snapshot.pickle`` go (the run dir).
         window: steps in the sliding window a loop's growth rate is fitted over.
         threshold_mb: growth per step (MiB) that, sustained, counts as a leak; default 0.1 on CUDA (allocated
-            memory is exact) and 1.0 on CPU (resident memory includes allocator caching).
+            memory is exact) and 1.0 on CPU (malloc in-use bytes, or resident memory off glibc).
         census_gap: steps of the same loop between the two censuses (the recording window).
         fail: raise :class:`MemoryGrowthError` once a leak is named (after writing the report).
         every: record every N steps (the slope is per step regardless).
@@ -303,7 +332,7 @@ class MemoryGrowth(L.Callback):
         self.out_dir, self.window, self.threshold_mb, self.census_gap = Path(out_dir), window, threshold_mb, census_gap
         self.fail, self.every, self.loops, self.record_stacks = fail, every, tuple(loops), record_stacks
         self.series = {loop: _Series(loop) for loop in self.loops}
-        self.threshold = (threshold_mb if threshold_mb is not None else 1.0) * MB
+        self.threshold = 0.0  # bytes per step, set from threshold_mb or the device's default at the first step
         self._recorder: CreationRecorder | None = None
         self._recording_for: str | None = None
         self._cuda_history = False
@@ -328,7 +357,8 @@ class MemoryGrowth(L.Callback):
                    "peak_mb": torch.cuda.max_memory_allocated(device) / MB}
             torch.cuda.reset_peak_memory_stats(device)
         else:
-            row = {"rss_mb": rss_bytes() / MB}
+            heap = heap_bytes()
+            row = {"rss_mb": rss_bytes() / MB, **({} if heap is None else {"heap_mb": heap / MB})}
         return row
 
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -351,10 +381,10 @@ class MemoryGrowth(L.Callback):
         s.steps += 1
         if s.steps % self.every:
             return
-        key = "allocated_mb" if pl_module.device.type == "cuda" else "rss_mb"
-        if self.threshold_mb is None:
-            self.threshold = (0.1 if pl_module.device.type == "cuda" else 1.0) * MB
         row = {"loop": loop, "step": s.steps, **self._sample(pl_module.device)}
+        key = "allocated_mb" if pl_module.device.type == "cuda" else "heap_mb" if "heap_mb" in row else "rss_mb"
+        self.threshold = (self.threshold_mb if self.threshold_mb is not None
+                          else 0.1 if pl_module.device.type == "cuda" else 1.0) * MB
         s.rows.append(row)
         recent = [r[key] * MB for r in s.rows[-self.window:]]
         growth = theil_sen_slope(recent) / self.every if len(recent) >= min(self.window, 10) else 0.0
@@ -384,9 +414,11 @@ class MemoryGrowth(L.Callback):
         self._recording_for = loop
 
     def _stop_recording(self) -> dict:
+        """Close the recording window (the recorder and, on CUDA, the allocator history); the snapshot or {}."""
         snapshot = {}
         if self._recorder is not None:
             self._recorder.__exit__(None, None, None)
+            self._recorder = self._recording_for = None
         if self._cuda_history:
             snapshot = torch.cuda.memory._snapshot()
             with (self.out_dir / "memory_snapshot.pickle").open("wb") as f:
@@ -413,8 +445,6 @@ class MemoryGrowth(L.Callback):
         s.leak = census_diff(first, tensor_census(tensors), steps)
         recorder = self._recorder if self._recording_for == s.loop else None
         snapshot = self._stop_recording() if recorder is not None else {}
-        if recorder is not None:
-            self._recorder = self._recording_for = None
         by_address = snapshot_frames(snapshot) if snapshot else {}
 
         def where(t: torch.Tensor):
@@ -498,15 +528,11 @@ class MemoryGrowth(L.Callback):
         self._write_csv()
 
     def on_exception(self, trainer, pl_module, exception) -> None:
-        if self._recorder is not None:
-            self._stop_recording()
-            self._recorder = self._recording_for = None
+        self._stop_recording()
         self._write_csv()
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
-        if self._recorder is not None:  # a window still open when its stage ended: its census cannot finish
-            self._stop_recording()
-            self._recorder = self._recording_for = None
+        self._stop_recording()  # a window still open when its stage ended: its census cannot finish
 
     def _write_csv(self) -> None:
         rows = self.rows

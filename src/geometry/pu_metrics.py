@@ -106,18 +106,22 @@ def read_xyz(path: str | Path) -> np.ndarray:
 
 
 def farthest_point_sample(points: torch.Tensor, k: int, start: int = 0) -> torch.Tensor:
-    """Indices (k,) of a farthest-point sample of (N, 3): each next point is the farthest from those taken."""
-    n = points.shape[0]
+    """Indices (k,) of a farthest-point sample of (N, 3), or (B, k) of each cloud of (B, N, 3): each next point
+    is the farthest from those taken, from point ``start``. Chosen without gradients, on the points' device."""
+    batched = points.dim() == 3
+    pts = points.detach() if batched else points.detach()[None]
+    b, n, _ = pts.shape
     if k > n:
         raise ValueError(f"farthest_point_sample: asked for {k} of {n} points")
-    idx = torch.empty(k, dtype=torch.long)
-    dist = torch.full((n,), float("inf"), dtype=points.dtype, device=points.device)
-    cur = start
+    idx = torch.empty(b, k, dtype=torch.long, device=pts.device)
+    dist = torch.full((b, n), float("inf"), dtype=pts.dtype, device=pts.device)
+    cur = torch.full((b,), start, dtype=torch.long, device=pts.device)
+    rows = torch.arange(b, device=pts.device)
     for i in range(k):
-        idx[i] = cur
-        dist = torch.minimum(dist, ((points - points[cur]) ** 2).sum(-1))
-        cur = int(dist.argmax())
-    return idx
+        idx[:, i] = cur
+        dist = torch.minimum(dist, ((pts - pts[rows, cur][:, None]) ** 2).sum(-1))
+        cur = dist.argmax(-1)
+    return idx if batched else idx[0]
 
 
 def even_surface_sample(verts: np.ndarray, faces: np.ndarray, n: int, oversample: int = 8, seed: int = 0) -> torch.Tensor:

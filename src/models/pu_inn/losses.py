@@ -20,42 +20,28 @@ import math
 
 import torch
 
+from src.geometry.knn import knn_points
+from src.geometry.pu_metrics import farthest_point_sample
+
 UNIFORM_PERCENTAGES = (0.004, 0.006, 0.008, 0.010, 0.012)
-
-
-def _seeds(points: torch.Tensor, n: int) -> torch.Tensor:
-    """(B, n, 3) farthest-point seeds of each cloud, batched, from each cloud's first point (chosen without
-    gradients; the seeds' positions keep them)."""
-    b, m, _ = points.shape
-    with torch.no_grad():
-        idx = torch.zeros(b, n, dtype=torch.long, device=points.device)
-        dist = torch.full((b, m), float("inf"), dtype=points.dtype, device=points.device)
-        cur = torch.zeros(b, dtype=torch.long, device=points.device)
-        rows = torch.arange(b, device=points.device)
-        for i in range(n):
-            idx[:, i] = cur
-            dist = torch.minimum(dist, (points - points[rows, cur][:, None]).square().sum(-1))
-            cur = dist.argmax(-1)
-    return points.gather(1, idx[..., None].expand(-1, -1, 3))
 
 
 def uniform_loss(points: torch.Tensor, percentages: tuple[float, ...] = UNIFORM_PERCENTAGES,
                  radius: float = 1.0, seed_fraction: float = 0.05) -> torch.Tensor:
     """PU-GAN's uniform loss (module docstring) of clouds (B, N, 3): a scalar."""
     b, n, _ = points.shape
-    centres = _seeds(points, max(1, int(n * seed_fraction)))  # (B, M, 3)
-    d2 = torch.cdist(centres, points).square()  # (B, M, N)
+    seeds = farthest_point_sample(points, max(1, int(n * seed_fraction)))  # (B, M), from each cloud's first point
+    centres = points.gather(1, seeds[..., None].expand(-1, -1, 3))  # (B, M, 3); the positions keep gradients
     total = points.new_zeros(())
     for p in percentages:
         n_p = max(2, int(n * p))
         r2 = p * radius  # the ball's squared radius (r = sqrt(p radius))
-        near_d2, near = d2.topk(n_p, dim=-1, largest=False)  # (B, M, n_p) nearest first
+        near_d2, near = knn_points(centres, points, n_p)  # (B, M, n_p) nearest first
         inside = near_d2 <= r2
         near = torch.where(inside, near, near[..., :1])  # ball query: the first point stands in for the rest
-        group = points.gather(1, near.reshape(b, -1, 1).expand(-1, -1, 3)).reshape(b, -1, n_p, 3)
-        gd2 = torch.cdist(group, group).square()
-        gd2 = gd2 + torch.eye(n_p, dtype=gd2.dtype, device=gd2.device) * 1e9  # not a point's own distance
-        nn = (gd2.amin(-1) + 1e-8).sqrt().mean(-1)  # (B, M) mean nearest-neighbour distance in the ball
+        group = points.gather(1, near.reshape(b, -1, 1).expand(-1, -1, 3)).reshape(-1, n_p, 3)  # (B M, n_p, 3)
+        nn_d2 = knn_points(group, group, 2)[0][..., 1]  # each point's nearest other point in the ball
+        nn = (nn_d2 + 1e-8).sqrt().reshape(b, -1, n_p).mean(-1)  # (B, M) mean nearest-neighbour distance
         expect = math.sqrt(math.pi * radius**2 * p / n_p)
         total = total + ((nn - expect).square() / (expect + 1e-8)).mean() * (100 * p) ** 2
     return total / len(percentages)
@@ -63,9 +49,7 @@ def uniform_loss(points: torch.Tensor, percentages: tuple[float, ...] = UNIFORM_
 
 def repulsion_loss(points: torch.Tensor, k: int = 4, radius: float = 0.07, h: float = 0.03) -> torch.Tensor:
     """PU-Net's repulsion loss (module docstring) of clouds (B, N, 3): a scalar."""
-    d2 = torch.cdist(points, points).square()
-    d2 = d2 + torch.eye(points.shape[1], dtype=d2.dtype, device=d2.device) * 1e9
-    near_d2 = d2.topk(k, dim=-1, largest=False).values.clamp(min=1e-12)
+    near_d2 = knn_points(points, points, k + 1)[0][..., 1:].clamp(min=1e-12)  # the k nearest others
     near_d2 = torch.where(near_d2 <= radius**2, near_d2, torch.full_like(near_d2, radius**2))  # ball query
     dist = near_d2.sqrt()
     return (radius - dist * torch.exp(-near_d2 / h**2)).mean()

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from src.config import check_positive
-from src.geometry.knn import chamfer
+from src.geometry.knn import chamfer, knn_points
 from src.geometry.pu_metrics import (cd_hd, emd_exact, even_surface_sample, farthest_point_sample,
                                      normalize_unit_sphere, point_triangle_distance)
 from src.models.base import finish_test
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 def remove_outliers(points: torch.Tensor, k: int = 8, std_ratio: float = 3.0) -> torch.Tensor:
     """Statistical outlier removal: drop the points whose mean distance to their ``k`` nearest neighbours is more
     than ``std_ratio`` standard deviations above the mean of that distance."""
-    d = torch.cdist(points, points).topk(k + 1, largest=False).values[:, 1:].mean(-1)
+    d = knn_points(points[None], points[None], k + 1)[0][0, :, 1:].sqrt().mean(-1)
     return points[d <= d.mean() + std_ratio * d.std()]
 
 
