@@ -211,14 +211,15 @@ PU_GAN = SHARED_DATA / "pu_gan" / "test"
 
 def test_pu_cd_hd_on_hand_made_clouds():
     """Six points on the axes (already on the unit sphere) against the same plus the centre: forward squared
-    distances are six 0 and one 1, backward all 0: CD = 1/7, HD = 1 (raw; the benchmark prints x1e-3)."""
+    distances are six 0 and one 1, backward all 0: CD = 1/7 (all of it prediction-to-truth), HD = 1 (raw; the benchmark prints x1e-3)."""
     gt = torch.cat([torch.eye(3), -torch.eye(3)]).double()
     pred = torch.cat([gt, torch.zeros(1, 3, dtype=torch.float64)])
     got = cd_hd(pred, gt)
     assert got["cd"] == pytest.approx(1 / 7) and got["hd"] == pytest.approx(1.0)
+    assert got["cd_pred_to_gt"] == pytest.approx(1 / 7) and got["cd_gt_to_pred"] == 0.0  # the centre is the only miss
     # normalisation: scaling and moving a cloud changes nothing
     assert cd_hd(pred * 3 + 1, gt)["cd"] == pytest.approx(1 / 7)
-    assert cd_hd(gt, gt) == {"cd": 0.0, "hd": 0.0}
+    assert cd_hd(gt, gt) == {"cd": 0.0, "hd": 0.0, "cd_pred_to_gt": 0.0, "cd_gt_to_pred": 0.0}
     n, c, s = normalize_unit_sphere(pred * 3 + 1)
     assert n.norm(dim=-1).max() == pytest.approx(1.0) and float(s) == pytest.approx(3.0)
 
@@ -390,6 +391,41 @@ def test_test_protocol_merges_the_input_and_removes_outliers():
     assert plain.norm(dim=-1).max() > 10  # PU-GAN's protocol keeps an outlier
     cleaned = upsample_shape(net, pts, merge_input=True, outlier_std=3.0)
     assert cleaned.norm(dim=-1).max() < 2 and cleaned.shape[0] <= 4 * pts.shape[0]
+
+
+@pytest.mark.parametrize("interp", ["point", "pair"])
+def test_interpolation_is_convex_and_more_up_keeps_the_spread_candidates(interp):
+    """With no flow blocks (latent = xyz) every new point is a convex combination of its point's k nearest
+    neighbours: inside their bounding box. ``more_up`` makes (r + more_up) N candidates and keeps r N of them by
+    farthest-point sampling: a subset, spread wider than the first r N candidates. A bad ``more_up`` is named."""
+    from src.models.pu_inn.network import PUINN, gather, knn
+
+    torch.manual_seed(0)
+    sparse = torch.rand(2, 64, 3)
+    sparse[..., 2] *= 0.05
+    for more_up in (0, 2):
+        net = PUINN(k=8, feat_dim=16, n_blocks=0, interp=interp, more_up=more_up)
+        with torch.no_grad():
+            net.interp[-1].weight.normal_()  # weights far from the start, so the test does not pass by the prior
+            out = net(sparse)
+        dense = out["dense"]
+        assert dense.shape == (2, 4 * 64, 3)
+        nb = gather(sparse, knn(sparse, 8))  # (B, N, k, 3)
+        lo, hi = nb.amin(2), nb.amax(2)
+        cands = out.get("candidates", dense).reshape(2, 64, 4 + more_up, 3)
+        assert ((cands >= lo[:, :, None] - 1e-6) & (cands <= hi[:, :, None] + 1e-6)).all()
+        if more_up:
+            assert out["candidates"].shape == (2, 6 * 64, 3)
+            assert ((dense[:, :, None] - out["candidates"][:, None]).abs().amax(-1).amin(-1) == 0).all()  # a subset
+
+            def spacing(c):
+                return (c[:, :, None] - c[:, None]).norm(dim=-1).add(torch.eye(c.shape[1]) * 1e9).amin(-1).mean()
+
+            assert spacing(dense) > 1.2 * spacing(out["candidates"][:, : 4 * 64])
+    with pytest.raises(ValueError, match="more_up"):
+        PUINN(k=8, more_up=5)
+    with pytest.raises(ValueError, match="interp"):
+        PUINN(interp="nearest")
 
 
 # -------------------------------------------------------------------------------------------- training

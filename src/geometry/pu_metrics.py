@@ -23,12 +23,15 @@ def normalize_unit_sphere(points: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 
 def cd_hd(pred: torch.Tensor, gt: torch.Tensor, normalize: bool = True) -> dict[str, float]:
-    """PU-GAN's CD and HD (raw values) between clouds (N, 3) and (M, 3)."""
+    """PU-GAN's CD and HD (raw values) between clouds (N, 3) and (M, 3), and CD's two halves: ``cd_pred_to_gt``
+    (mean squared distance of each predicted point to the ground truth: accuracy) and ``cd_gt_to_pred`` (of each
+    ground-truth point to the prediction: coverage, high where the cloud leaves gaps)."""
     if normalize:
         pred, gt = normalize_unit_sphere(pred)[0], normalize_unit_sphere(gt)[0]
     pred, gt = pred.double()[None], gt.double()[None]
     fwd, bwd = knn_points(pred, gt, 1)[0], knn_points(gt, pred, 1)[0]
-    return {"cd": float(fwd.mean() + bwd.mean()), "hd": float(max(fwd.max(), bwd.max()))}
+    return {"cd": float(fwd.mean() + bwd.mean()), "hd": float(max(fwd.max(), bwd.max())),
+            "cd_pred_to_gt": float(fwd.mean()), "cd_gt_to_pred": float(bwd.mean())}
 
 
 def point_triangle_distance(points: torch.Tensor, verts: torch.Tensor, faces: torch.Tensor,

@@ -151,8 +151,9 @@ class PUINNModule(PhaseHooks, L.LightningModule):
         return {"val/logdet_estimator": self.eval_estimator}
 
     def validation_step(self, batch, batch_idx) -> None:
-        """Scores val patches; the NLL uses the evaluation log-det estimator, which needs gradients (the flow
-        turns inference mode off locally). Logs ``val/logdet`` (the flow's log-det per target point, by the
+        """Scores val patches (``val/cd``, beside ``val/cd_input``: the sparse input alone against the same
+        target); the NLL uses the evaluation log-det estimator, which needs gradients (the flow turns inference
+        mode off locally). Logs ``val/logdet`` (the flow's log-det per target point, by the
         evaluation estimator, whose name is in ``val/logdet_estimator``) and, every ``logdet_exact_every``
         validations, the exact value at the same points (``val/logdet_exact``), the estimate's mean error
         (``val/logdet_bias``) and the spread of its per-point error (``val/logdet_error_std``)."""
@@ -162,6 +163,8 @@ class PUINNModule(PhaseHooks, L.LightningModule):
         with phase("log"):
             self.log_dict({f"val/{k}": v.detach() for k, v in losses.items()}, batch_size=n, sync_dist=True)
             self.log("val/logdet", logdet.detach().mean(), batch_size=n, sync_dist=True)
+            # the input alone scored the same way: what val/cd must beat for the network to add anything
+            self.log("val/cd_input", chamfer(batch["sparse"], batch["dense"]).mean(), batch_size=n, sync_dist=True)
         every = self.hparams.logdet_exact_every
         if every and self._n_validations % every == 0:
             if self.eval_estimator == "exact":

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from src.geometry.knn import knn_points
+from src.geometry.pu_metrics import farthest_point_sample
 from src.models.pu_inn.flow import ResidualBlock
 from src.phases import phase
 
@@ -43,29 +44,53 @@ class PUINN(nn.Module):
     n_layers, coeff: the flow (``ResidualBlock``). estimator / eval_estimator and the series options: the
     log-det estimators (roulette: a series length per point or per batch). up_ratio: r. inverse_grad: the
     inverse flow's gradient, ``implicit`` (exact, the default) or ``unrolled`` (``inverse_grad_steps``
-    iterations with a graph: the older truncated gradient)."""
+    iterations with a graph: the older truncated gradient). interp: how the r convex weight sets over the k
+    neighbours are made, ``point`` (from each point's feature, by neighbour rank) or ``pair`` (from each
+    point-neighbour pair's features and offset); interp_prior: the starting logit of the neighbours other than
+    the point itself and its r - 1 nearest (0 for those). more_up: extra candidates a point (PU-GAN's
+    ``more_up``, 2 in its release): (r + more_up) N points are made and farthest-point sampled to r N, so the
+    kept ones spread into the gaps."""
 
     def __init__(self, k: int = 16, feat_dim: int = 64, n_blocks: int = 4, hidden: int = 64, n_layers: int = 3,
                  coeff: float = 0.97, up_ratio: int = 4, estimator: str = "poisson", eval_estimator: str = "exact",
                  n_exact_terms: int = 2, lam: float = 2.0, n_terms: int = 10, neumann_grad: bool = True,
-                 inverse_grad: str = "implicit", inverse_grad_steps: int = 5, roulette: str = "point") -> None:
+                 inverse_grad: str = "implicit", inverse_grad_steps: int = 5, roulette: str = "point", interp: str = "point",
+                 interp_prior: float = -4.0, more_up: int = 0) -> None:
         super().__init__()
-        self.k, self.up_ratio = k, up_ratio
+        if more_up < 0 or up_ratio + more_up > k:
+            raise ValueError(f"model.net.more_up must be in [0, k - up_ratio] = [0, {k - up_ratio}], got {more_up!r}")
+        self.k, self.up_ratio, self.more_up = k, up_ratio, more_up
+        n_sets = up_ratio + more_up  # candidates a point; farthest-point sampling keeps up_ratio of them on average
         self.edge1 = EdgeConv(3, feat_dim // 2)
         self.edge2 = EdgeConv(feat_dim // 2, feat_dim - feat_dim // 2)
         self.blocks = nn.ModuleList([
             ResidualBlock(3, hidden, n_layers, coeff, estimator, eval_estimator, n_terms, n_exact_terms, lam,
                           neumann_grad=neumann_grad, context_dim=feat_dim, inverse_grad=inverse_grad,
                           inverse_grad_steps=inverse_grad_steps, roulette=roulette) for _ in range(n_blocks)])
-        # r sets of convex weights over the k neighbours, from each point's feature
-        self.interp = nn.Sequential(nn.Linear(feat_dim, feat_dim), nn.ReLU(), nn.Linear(feat_dim, up_ratio * k))
-        nn.init.zeros_(self.interp[-1].weight)
-        with torch.no_grad():  # start near "the point itself and midpoints towards its nearest neighbours"
-            bias = torch.full((up_ratio, k), -4.0)
-            bias[:, 0] = 0.0
-            for m in range(1, up_ratio):
-                bias[m, m] = 0.0
-            self.interp[-1].bias.copy_(bias.flatten())
+        if interp not in ("point", "pair"):
+            raise ValueError(f"model.net.interp must be 'point' or 'pair', got {interp!r}")
+        self.interp_mode = interp
+        # r sets of convex weights over the k neighbours. point: from each point's feature alone (weights by
+        # neighbour rank); pair: from each (point, neighbour) pair, [f_i, f_j - f_i, p_j - p_i], so a weight can
+        # depend on where that neighbour lies (attention-style)
+        in_dim = feat_dim if interp == "point" else 2 * feat_dim + 3
+        out_dim = n_sets * k if interp == "point" else n_sets
+        self.interp = nn.Sequential(nn.Linear(in_dim, feat_dim), nn.ReLU(), nn.Linear(feat_dim, out_dim))
+        # start near "the point itself and midpoints towards its nearest neighbours": a prior on the logits by
+        # neighbour rank (0 for the chosen ones, ``interp_prior`` for the rest)
+        prior = torch.full((n_sets, k), float(interp_prior))
+        prior[:, 0] = 0.0
+        for m in range(1, n_sets):
+            prior[m, m] = 0.0
+        if interp == "point":
+            nn.init.zeros_(self.interp[-1].weight)
+            with torch.no_grad():
+                self.interp[-1].bias.copy_(prior.flatten())
+        else:  # the MLP's own (small, random) init breaks the symmetry between the r weight sets
+            with torch.no_grad():
+                self.interp[-1].weight.mul_(0.1)
+                self.interp[-1].bias.zero_()
+            self.interp_prior = nn.Parameter(prior.t().contiguous())  # (k, r)
 
     def features(self, pts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         idx = knn(pts, self.k)
@@ -89,10 +114,12 @@ class PUINN(nn.Module):
 
     def forward(self, sparse: torch.Tensor, up_ratio: int | None = None, with_logdet: bool = False) -> dict[str, torch.Tensor]:
         """sparse (B, N, 3) -> dense (B, r N, 3); also the latent codes and (``with_logdet``) the log-det of
-        the flow at the sparse points (off by default: upsampling never needs it)."""
+        the flow at the sparse points (off by default: upsampling never needs it); with ``more_up`` also the
+        (r + more_up) N ``candidates`` the dense points were farthest-point sampled from."""
         r = up_ratio or self.up_ratio
         if r != self.up_ratio:
             raise ValueError(f"this model interpolates {self.up_ratio} points per input point, not {r}")
+        r_all = r + self.more_up
         b, n, _ = sparse.shape
         with phase("features"):
             feat, idx = self.features(sparse)
@@ -100,15 +127,31 @@ class PUINN(nn.Module):
         with phase("flow.forward"):
             z, logdet = self.flow(sparse.reshape(b * n, 3), ctx, with_logdet=with_logdet)
         with phase("interpolate"):
-            w = torch.softmax(self.interp(feat).reshape(b, n, r, self.k), -1)  # (B, N, r, k)
             z_nb = gather(z.reshape(b, n, 3), idx)  # (B, N, k, 3)
             c_nb = gather(feat, idx)
-            z_new = torch.einsum("bnrk,bnkc->bnrc", w, z_nb).reshape(b * n * r, 3)
-            c_new = torch.einsum("bnrk,bnkc->bnrc", w, c_nb).reshape(b * n * r, -1)
+            w = torch.softmax(self.interp_logits(sparse, feat, idx, c_nb), -1)  # (B, N, r, k)
+            z_new = torch.einsum("bnrk,bnkc->bnrc", w, z_nb).reshape(b * n * r_all, 3)
+            c_new = torch.einsum("bnrk,bnkc->bnrc", w, c_nb).reshape(b * n * r_all, -1)
         with phase("flow.inverse"):
-            dense = self.flow_inverse(z_new, c_new).reshape(b, n * r, 3)
-        return {"dense": dense, "latent": z.reshape(b, n, 3), "features": feat,
-                "logdet": None if logdet is None else logdet.reshape(b, n)}
+            dense = self.flow_inverse(z_new, c_new).reshape(b, n * r_all, 3)
+        out = {"latent": z.reshape(b, n, 3), "features": feat, "logdet": None if logdet is None else logdet.reshape(b, n)}
+        if self.more_up:
+            with phase("select"):  # PU-GAN's more_up: (r + more_up) N candidates, farthest-point sampled to r N
+                out["candidates"] = dense
+                keep = farthest_point_sample(dense, n * r)
+                dense = dense.gather(1, keep[..., None].expand(-1, -1, 3))
+        return {"dense": dense, **out}
+
+    def interp_logits(self, sparse: torch.Tensor, feat: torch.Tensor, idx: torch.Tensor, c_nb: torch.Tensor) -> torch.Tensor:
+        """(B, N, r, k) logits of the convex weights."""
+        b, n, k = idx.shape
+        if self.interp_mode == "point":
+            return self.interp(feat).reshape(b, n, self.up_ratio + self.more_up, k)
+        centre = feat[:, :, None].expand(-1, -1, k, -1)
+        offset = gather(sparse, idx) - sparse[:, :, None]
+        offset = offset / offset.norm(dim=-1, keepdim=True).amax(2, keepdim=True).clamp(min=1e-8)  # in k-th-neighbour units
+        logits = self.interp(torch.cat([centre, c_nb - centre, offset], -1))  # (B, N, k, r)
+        return (logits + self.interp_prior).transpose(2, 3)
 
     def target_context(self, sparse: torch.Tensor, feat: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
         """(B M, C): each target point's context, the features of its 3 nearest sparse points (inverse-distance
