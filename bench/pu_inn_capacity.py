@@ -5,8 +5,8 @@ Usage:
 Writes bench/results/pu_inn_capacity_<cpu|gpu>.md.
 
 One batch of 8 training patches of ``data=mesh_patches`` (256 non-uniform inputs, 1024 even targets, seed 0) is
-fitted by, each with Adam on CD alone (x100, as the training loss weighs it) and the uniform term where the
-network is trained:
+fitted by each of these, with Adam on 100 x CD (as the training loss weighs it); the network rows add
+10 x the uniform term, and the full network the 0.01 x NLL, as in training:
 - the network's interpolation head with no flow (``net.n_blocks=0``: the convex weights act on xyz), by rank
   (``interp=point``, the default) and per pair (``interp=pair``), ``--steps`` steps at lr 1e-3: what the head
   can fit even when it may overfit this one batch;

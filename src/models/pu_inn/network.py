@@ -47,7 +47,7 @@ class PUINN(nn.Module):
     iterations with a graph: the older truncated gradient). interp: how the r convex weight sets over the k
     neighbours are made, ``point`` (from each point's feature, by neighbour rank) or ``pair`` (from each
     point-neighbour pair's features and offset); interp_prior: the starting logit of the neighbours other than
-    the point itself and its r - 1 nearest (0 for those). more_up: extra candidates a point (PU-GAN's
+    the point itself and its r + more_up - 1 nearest (0 for those). more_up: extra candidates a point (PU-GAN's
     ``more_up``, 2 in its release): (r + more_up) N points are made and farthest-point sampled to r N, so the
     kept ones spread into the gaps."""
 
