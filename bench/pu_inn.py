@@ -54,6 +54,8 @@ ABLATIONS = [
      ["model.net.interp=pair"]),
     ("pair interpolation + more_up", "adds: that and PU-GAN's more_up 2 (6 candidates a point, farthest-point sampled to 4)",
      ["model.net.interp=pair", "model.net.more_up=2"]),
+    ("latent offset", "adds: a learnt step from each interpolated code, bounded by the latent distance to the k-th neighbour",
+     ["model.net.latent_offset=true"]),
 ]
 
 

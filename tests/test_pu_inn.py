@@ -428,6 +428,31 @@ def test_interpolation_is_convex_and_more_up_keeps_the_spread_candidates(interp)
         PUINN(interp="nearest")
 
 
+def test_latent_offset_starts_convex_and_reaches_past_the_hull_by_a_bounded_step():
+    """``latent_offset``: at the start (zero last layer) the same points as the convex model; once its weights
+    move, points leave the neighbours' bounding box, but never by more than the distance to the k-th
+    neighbour in any coordinate (no flow blocks: the latent is xyz)."""
+    from src.models.pu_inn.network import PUINN, gather, knn
+
+    torch.manual_seed(0)
+    sparse = torch.rand(2, 64, 3)
+    sparse[..., 2] *= 0.05
+    torch.manual_seed(1)
+    convex = PUINN(k=8, feat_dim=16, n_blocks=0)
+    torch.manual_seed(1)
+    stepped = PUINN(k=8, feat_dim=16, n_blocks=0, latent_offset=True)
+    with torch.no_grad():
+        assert torch.equal(convex(sparse)["dense"], stepped(sparse)["dense"])
+        stepped.offset[-1].weight.normal_(std=10.0)
+        dense = stepped(sparse)["dense"].reshape(2, 64, 4, 3)
+    nb = gather(sparse, knn(sparse, 8))
+    lo, hi = nb.amin(2)[:, :, None], nb.amax(2)[:, :, None]
+    reach = (nb - sparse[:, :, None]).norm(dim=-1).amax(-1)[..., None, None]
+    outside = (dense < lo - 1e-6) | (dense > hi + 1e-6)
+    assert outside.any()
+    assert ((dense >= lo - reach - 1e-6) & (dense <= hi + reach + 1e-6)).all()
+
+
 # -------------------------------------------------------------------------------------------- training
 def test_pu_inn_smoke_lowers_cd_and_memory_stays_flat(make_cfg, tmp_path):
     """``experiment=pu_inn_smoke`` (200 steps on generated patches, memory callback on): the val patches'

@@ -49,13 +49,15 @@ class PUINN(nn.Module):
     point-neighbour pair's features and offset); interp_prior: the starting logit of the neighbours other than
     the point itself and its r + more_up - 1 nearest (0 for those). more_up: extra candidates a point (PU-GAN's
     ``more_up``, 2 in its release): (r + more_up) N points are made and farthest-point sampled to r N, so the
-    kept ones spread into the gaps."""
+    kept ones spread into the gaps. latent_offset: add to each interpolated code a learnt step from the point's
+    feature, each coordinate bounded by the latent distance to its k-th neighbour, so new points can leave
+    the neighbours' convex hull into the gaps (off: purely convex)."""
 
     def __init__(self, k: int = 16, feat_dim: int = 64, n_blocks: int = 4, hidden: int = 64, n_layers: int = 3,
                  coeff: float = 0.97, up_ratio: int = 4, estimator: str = "poisson", eval_estimator: str = "exact",
                  n_exact_terms: int = 2, lam: float = 2.0, n_terms: int = 10, neumann_grad: bool = True,
                  inverse_grad: str = "implicit", inverse_grad_steps: int = 5, roulette: str = "point", interp: str = "point",
-                 interp_prior: float = -4.0, more_up: int = 0) -> None:
+                 interp_prior: float = -4.0, more_up: int = 0, latent_offset: bool = False) -> None:
         super().__init__()
         if more_up < 0 or up_ratio + more_up > k:
             raise ValueError(f"model.net.more_up must be in [0, k - up_ratio] = [0, {k - up_ratio}], got {more_up!r}")
@@ -91,6 +93,13 @@ class PUINN(nn.Module):
                 self.interp[-1].weight.mul_(0.1)
                 self.interp[-1].bias.zero_()
             self.interp_prior = nn.Parameter(prior.t().contiguous())  # (k, r)
+        # latent_offset: a bounded step from each interpolated code, |each coordinate| < the distance to the
+        # point's k-th neighbour in the latent; zero at the start (so the model starts as the convex one)
+        self.offset = None
+        if latent_offset:
+            self.offset = nn.Sequential(nn.Linear(feat_dim, feat_dim), nn.ReLU(), nn.Linear(feat_dim, n_sets * 3))
+            nn.init.zeros_(self.offset[-1].weight)
+            nn.init.zeros_(self.offset[-1].bias)
 
     def features(self, pts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         idx = knn(pts, self.k)
@@ -130,7 +139,11 @@ class PUINN(nn.Module):
             z_nb = gather(z.reshape(b, n, 3), idx)  # (B, N, k, 3)
             c_nb = gather(feat, idx)
             w = torch.softmax(self.interp_logits(sparse, feat, idx, c_nb), -1)  # (B, N, r, k)
-            z_new = torch.einsum("bnrk,bnkc->bnrc", w, z_nb).reshape(b * n * r_all, 3)
+            z_new = torch.einsum("bnrk,bnkc->bnrc", w, z_nb)  # (B, N, r, 3)
+            if self.offset is not None:
+                reach = (z_nb - z.reshape(b, n, 1, 3)).norm(dim=-1).amax(-1)  # (B, N): to the k-th neighbour
+                z_new = z_new + torch.tanh(self.offset(feat)).reshape(b, n, r_all, 3) * reach[..., None, None]
+            z_new = z_new.reshape(b * n * r_all, 3)
             c_new = torch.einsum("bnrk,bnkc->bnrc", w, c_nb).reshape(b * n * r_all, -1)
         with phase("flow.inverse"):
             dense = self.flow_inverse(z_new, c_new).reshape(b, n * r_all, 3)
