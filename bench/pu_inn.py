@@ -37,7 +37,7 @@ from _common import CUDA, ROOT, device_name, emit  # bench/_common.py
 
 from src.data.pu_gan import load_test_shapes
 from src.geometry.pu_metrics import cd_hd, even_surface_sample, read_xyz
-from src.models.pu_inn.module import score_shape
+from src.models.pu_inn.module import ground_truth, score_shape
 
 PRESET = "experiment=pu_inn_meshes_cpu"
 # (name, what it undoes, overrides) - each trained for --ablation-steps beside the reference of the same length
@@ -63,8 +63,7 @@ def cd_halves(run_dir: Path, name: str, verts, faces) -> dict:
     """CD's two halves of a run's saved test cloud (``test_points/<name>.xyz``) against the same ground truth
     ``score_shape`` uses, for runs whose scores predate them."""
     pred = torch.from_numpy(read_xyz(run_dir / "test_points" / f"{name}.xyz")).double()
-    gt = even_surface_sample(torch.as_tensor(verts).double().numpy(), torch.as_tensor(faces).numpy(), pred.shape[0], 8)
-    return {k: v for k, v in cd_hd(pred, gt.double()).items() if k.startswith("cd_")}
+    return {k: v for k, v in cd_hd(pred, ground_truth(verts, faces, pred.shape[0])).items() if k.startswith("cd_")}
 
 
 def run_preset(run_dir: Path, overrides: list[str], meshes: Path, test_dir: Path, cache: Path, shapes: list[dict]) -> dict:

@@ -5,8 +5,8 @@ Usage:
 Writes bench/results/pu_inn_capacity_<cpu|gpu>.md.
 
 One batch of 8 training patches of ``data=mesh_patches`` (256 non-uniform inputs, 1024 even targets, seed 0) is
-fitted by each of these, with Adam on 100 x CD (as the training loss weighs it); the network rows add
-10 x the uniform term, and the full network the 0.01 x NLL, as in training:
+fitted by each of these with Adam. The network rows train on the module's own training loss as configured
+(100 x CD + 10 x uniform + 0.01 x NLL; no NLL without a flow), the oracle rows on 100 x CD:
 - the network's interpolation head with no flow (``net.n_blocks=0``: the convex weights act on xyz), by rank
   (``interp=point``, the default) and per pair (``interp=pair``), ``--steps`` steps at lr 1e-3: what the head
   can fit even when it may overfit this one batch;
@@ -23,12 +23,12 @@ import time
 from pathlib import Path
 
 import torch
-from _common import ROOT, device_name, emit  # bench/_common.py
+from _common import device_name, emit  # bench/_common.py
 
 from src.data.mesh_patches import MeshPatchesDataModule
-from src.geometry.knn import knn_points
-from src.models.pu_inn.losses import uniform_loss
-from src.models.pu_inn.network import PUINN, gather
+from src.geometry.knn import chamfer, knn_points
+from src.models.pu_inn.module import PUINNModule
+from src.models.pu_inn.network import gather
 
 
 def halves(pred: torch.Tensor, target: torch.Tensor) -> tuple[float, float]:
@@ -36,15 +36,12 @@ def halves(pred: torch.Tensor, target: torch.Tensor) -> tuple[float, float]:
     return float(knn_points(pred, target, 1)[0].mean()), float(knn_points(target, pred, 1)[0].mean())
 
 
-def fit(params, make, target, steps: int, lr: float, extra=None) -> tuple[torch.Tensor, float]:
-    """Adam on 100 x CD (+ ``extra(pred)``) of ``make()`` against ``target``; the last prediction and seconds."""
+def fit(params, loss_of, make, steps: int, lr: float) -> tuple[torch.Tensor, float]:
+    """Adam on ``loss_of()`` for ``steps`` steps; then ``make()`` (the prediction) and the seconds taken."""
     opt = torch.optim.Adam(params, lr=lr)
     tic = time.perf_counter()
     for _ in range(steps):
-        pred = make()
-        loss = 100 * (knn_points(pred, target, 1)[0].mean() + knn_points(target, pred, 1)[0].mean())
-        if extra is not None:
-            loss = loss + extra(pred)
+        loss = loss_of()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -69,24 +66,19 @@ def main() -> None:
     b, n, _ = sparse.shape
     rows = [("input alone (256 points)", sparse, 0, 0.0)]
 
-    for name, net_kw, train_flow in [("head alone, by rank (`interp=point`, no flow)", {"n_blocks": 0}, False),
-                                     ("head alone, per pair (`interp=pair`, no flow)", {"n_blocks": 0, "interp": "pair"}, False),
-                                     ("full network (`interp=point`, 4 flow blocks)", {}, True)]:
-        torch.manual_seed(0)
-        net = PUINN(**net_kw)
-        state = {}
+    for name, net_kw in [("head alone, by rank (`interp=point`, no flow)", {"n_blocks": 0}),
+                         ("head alone, per pair (`interp=pair`, no flow)", {"n_blocks": 0, "interp": "pair"}),
+                         ("full network (`interp=point`, 4 flow blocks)", {})]:
+        torch.manual_seed(0)  # the training loss as configured (conf/model/pu_inn.yaml); no NLL without a flow
+        module = PUINNModule(net=net_kw, **({"w_nll": 0.0} if net_kw.get("n_blocks") == 0 else {}))
 
-        def make(net=net, state=state):
-            state["out"] = net(sparse)
-            return state["out"]["dense"]
-
-        def extra(pred, net=net, state=state, train_flow=train_flow):
-            loss = 10 * uniform_loss(pred)
-            return loss + 0.01 * net.nll(sparse, state["out"]["features"], target) if train_flow else loss
+        def make(module=module):
+            return module.net(sparse)["dense"]
 
         with torch.no_grad():
             rows.append((f"{name}, untrained", make(), 0, 0.0))
-        pred, secs = fit(list(net.parameters()), make, target, a.steps, 1e-3, extra)
+        pred, secs = fit(list(module.parameters()), lambda module=module: module._losses(batch)["loss"], make,
+                         a.steps, 1e-3)
         rows.append((name, pred, a.steps, secs))
         print(rows[-1][0], halves(pred, target), f"{secs:.0f} s", flush=True)
 
@@ -94,12 +86,14 @@ def main() -> None:
     logits = torch.zeros(b, n, 4, 16)
     logits[..., 0] = 2.0
     logits = (logits + 0.5 * torch.randn_like(logits)).requires_grad_(True)
-    pred, secs = fit([logits], lambda: torch.einsum("bnrk,bnkc->bnrc", logits.softmax(-1), nb).reshape(b, -1, 3),
-                     target, a.oracle_steps, 0.05)
+    def convex():
+        return torch.einsum("bnrk,bnkc->bnrc", logits.softmax(-1), nb).reshape(b, -1, 3)
+
+    pred, secs = fit([logits], lambda: 100 * chamfer(convex(), target).mean(), convex, a.oracle_steps, 0.05)
     rows.append(("oracle: free convex weights over the 16 nearest inputs, r = 4", pred, a.oracle_steps, secs))
     free = (sparse[:, :, None].expand(-1, -1, 4, -1) + 0.01 * torch.randn(b, n, 4, 3)).reshape(b, -1, 3)
     free = free.clone().requires_grad_(True)
-    pred, secs = fit([free], lambda: free, target, a.oracle_steps, 0.003)
+    pred, secs = fit([free], lambda: 100 * chamfer(free, target).mean(), lambda: free, a.oracle_steps, 0.003)
     rows.append(("free points (1024, moved freely)", pred, a.oracle_steps, secs))
 
     lines = [f"Device: {device_name()}; torch {torch.__version__}; measured {time.strftime('%Y-%m-%d %H:%M')} by "

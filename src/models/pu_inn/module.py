@@ -55,14 +55,19 @@ def upsample_shape(model: PUINN, points: torch.Tensor, patch_size: int = 256, pa
     return merged[farthest_point_sample(merged, min(model.up_ratio * n, merged.shape[0]))]
 
 
-def score_shape(pred: torch.Tensor, verts, faces, gt_points: int | None = None, gt_oversample: int = 8) -> dict[str, float]:
-    """A cloud (N, 3) against its mesh, as the PU-GAN benchmark scores it (raw values): CD and HD against an
-    even ``gt_points``-point sample of the mesh (default N), EMD (when the sizes agree) and P2F (mean, std),
-    all in the ground truth's unit-sphere frame."""
-    pred = pred.detach().double()
+def ground_truth(verts, faces, n: int, oversample: int = 8) -> torch.Tensor:
+    """The benchmark's ground truth of a mesh: an even ``n``-point sample (float64, seed 0)."""
     verts, faces = torch.as_tensor(verts).double(), torch.as_tensor(faces)
-    gt = even_surface_sample(verts.numpy(), faces.numpy(), gt_points or pred.shape[0], gt_oversample).to(pred)
-    verts, faces = verts.to(pred.device), faces.to(pred.device)
+    return even_surface_sample(verts.numpy(), faces.numpy(), n, oversample).double()
+
+
+def score_shape(pred: torch.Tensor, verts, faces, gt_points: int | None = None, gt_oversample: int = 8) -> dict[str, float]:
+    """A cloud (N, 3) against its mesh, as the PU-GAN benchmark scores it (raw values): CD (with its halves) and
+    HD against ``ground_truth`` of ``gt_points`` points (default N), EMD (when the sizes agree) and P2F (mean,
+    std), all in the ground truth's unit-sphere frame."""
+    pred = pred.detach().double()
+    gt = ground_truth(verts, faces, gt_points or pred.shape[0], gt_oversample).to(pred)
+    verts, faces = torch.as_tensor(verts).double().to(pred.device), torch.as_tensor(faces).to(pred.device)
     scores = cd_hd(pred, gt)
     if pred.shape[0] == gt.shape[0]:
         scores["emd"] = float(emd_exact(normalize_unit_sphere(pred)[0][None], normalize_unit_sphere(gt)[0][None])[0])

@@ -62,7 +62,7 @@ class PUINN(nn.Module):
         if more_up < 0 or up_ratio + more_up > k:
             raise ValueError(f"model.net.more_up must be in [0, k - up_ratio] = [0, {k - up_ratio}], got {more_up!r}")
         self.k, self.up_ratio, self.more_up = k, up_ratio, more_up
-        n_sets = up_ratio + more_up  # candidates a point; farthest-point sampling keeps up_ratio of them on average
+        self.n_sets = n_sets = up_ratio + more_up  # candidates a point; farthest-point sampling keeps r N of all
         self.edge1 = EdgeConv(3, feat_dim // 2)
         self.edge2 = EdgeConv(feat_dim // 2, feat_dim - feat_dim // 2)
         self.blocks = nn.ModuleList([
@@ -128,7 +128,7 @@ class PUINN(nn.Module):
         r = up_ratio or self.up_ratio
         if r != self.up_ratio:
             raise ValueError(f"this model interpolates {self.up_ratio} points per input point, not {r}")
-        r_all = r + self.more_up
+        r_all = self.n_sets
         b, n, _ = sparse.shape
         with phase("features"):
             feat, idx = self.features(sparse)
@@ -159,7 +159,7 @@ class PUINN(nn.Module):
         """(B, N, r, k) logits of the convex weights."""
         b, n, k = idx.shape
         if self.interp_mode == "point":
-            return self.interp(feat).reshape(b, n, self.up_ratio + self.more_up, k)
+            return self.interp(feat).reshape(b, n, self.n_sets, k)
         centre = feat[:, :, None].expand(-1, -1, k, -1)
         offset = gather(sparse, idx) - sparse[:, :, None]
         offset = offset / offset.norm(dim=-1, keepdim=True).amax(2, keepdim=True).clamp(min=1e-8)  # in k-th-neighbour units
