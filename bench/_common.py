@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -9,6 +10,8 @@ from typing import Callable
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # ``python bench/<script>.py`` finds ``src`` with or without ``pip install -e .``
+    sys.path.insert(0, str(ROOT))
 CUDA = torch.cuda.is_available()
 
 
