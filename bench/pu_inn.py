@@ -36,8 +36,10 @@ import torch
 from _common import CUDA, ROOT, device_name, emit  # bench/_common.py
 
 from src.data.pu_gan import load_test_shapes
-from src.geometry.pu_metrics import cd_hd, even_surface_sample, read_xyz
-from src.models.pu_inn.module import ground_truth, score_shape
+from src.geometry.knn import knn_points
+from src.geometry.pu_metrics import cd_hd, even_surface_sample, farthest_point_sample, read_xyz
+from src.models.pu_inn.module import ground_truth, score_shape, upsample_shape
+from src.models.pu_inn.network import PUINN, gather
 
 PRESET = "experiment=pu_inn_meshes_cpu"
 # (name, what it undoes, overrides) - each trained for --ablation-steps beside the reference of the same length
@@ -49,13 +51,9 @@ ABLATIONS = [
      ["model.net.inverse_grad=unrolled"]),
     ("generated meshes", "trained on 16 generated primitives (data=synthetic_pu, 32 patches each) instead of real meshes",
      ["data=synthetic_pu", "data.generate.n_meshes=16", "data.generate.patches_per_mesh=32"]),
-    # options tried after issue 14's changes, off by default (each adds one)
-    ("pair interpolation", "adds: convex weights from each point-neighbour pair (features and offset), not by rank",
-     ["model.net.interp=pair"]),
-    ("pair interpolation + more_up", "adds: that and PU-GAN's more_up 2 (6 candidates a point, farthest-point sampled to 4)",
-     ["model.net.interp=pair", "model.net.more_up=2"]),
-    ("latent offset", "adds: a learnt step from each interpolated code, bounded by the latent distance to the k-th neighbour",
-     ["model.net.latent_offset=true"]),
+    # options tried after issue 14's changes
+    ("no more_up (the preset before)", "4 candidates a point (net.more_up=0) instead of 16 farthest-point sampled to 4",
+     ["model.net.more_up=0"]),
 ]
 
 
@@ -86,6 +84,26 @@ def run_preset(run_dir: Path, overrides: list[str], meshes: Path, test_dir: Path
             "val_cd": metrics.get("val/cd"), "val_cd_input": metrics.get("val/cd_input")}
 
 
+def midpoints(points: torch.Tensor, k: int = 16, r: int = 4) -> torch.Tensor:
+    """No learning: the input and the midpoints to each point's ``k - 1`` nearest inputs, farthest-point sampled
+    to r N (the preset's candidates at its initialisation, without a network)."""
+    x = points.double()[None]
+    cand = torch.cat([x, 0.5 * (gather(x, knn_points(x, x, k)[1])[:, :, 1:] + x[:, :, None]).reshape(1, -1, 3)], 1)[0]
+    return cand[farthest_point_sample(cand, r * points.shape[0])]
+
+
+def untrained(seed: int = 0) -> tuple[PUINN, dict]:
+    """The preset's network at its initialisation (``seed``) and its test options, composed from conf/."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base=None):
+        cfg = compose("train", overrides=[PRESET])
+    torch.manual_seed(seed)
+    m = cfg.model
+    return PUINN(**m.net).eval(), dict(patch_size=m.patch_size, patch_ratio=m.patch_ratio,
+                                       merge_input=m.merge_input, outlier_std=m.outlier_std)
+
+
 def closed(inp: float, floor: float, x: float) -> str:
     return f"{(inp - x) / (inp - floor) * 100:.0f}%"
 
@@ -97,8 +115,14 @@ def main() -> None:
     p.add_argument("--work", default=str(ROOT / "bench" / "work" / "pu_inn"), help="where runs are kept")
     p.add_argument("--full-run", default=None, help="an existing run of the preset to score instead of training one")
     p.add_argument("--ablation-steps", type=int, default=500, help="training steps of each ablation run (0: none)")
+    p.add_argument("--ablations", default=None,
+                   help="comma-separated names of the ablation rows to run (default all: " + ", ".join(n for n, _, _ in ABLATIONS) + ")")
     p.add_argument("--out", default=None, help="result file (default bench/results/pu_inn_<cpu|gpu>.md)")
     a = p.parse_args()
+    chosen = None if a.ablations is None else [x.strip() for x in a.ablations.split(",")]
+    unknown = sorted(set(chosen or []) - {n for n, _, _ in ABLATIONS})
+    if unknown:
+        raise SystemExit(f"--ablations: no such row {unknown}; rows: {[n for n, _, _ in ABLATIONS]}")
     meshes, test_dir, work = Path(a.meshes).resolve(), Path(a.test_dir).resolve(), Path(a.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     shapes = load_test_shapes(test_dir)
@@ -106,6 +130,7 @@ def main() -> None:
     outputs_dir = test_dir.parent / "test_outputs"
 
     refs: dict[str, dict[str, dict]] = {"input alone (2048 points)": {}, "even-sample floor (a second even sample)": {}}
+    net, opts = untrained()
     for s in shapes:
         n = 4 * s["input"].shape[0]
         refs["input alone (2048 points)"][s["name"]] = score_shape(s["input"], s["verts"], s["faces"], gt_points=n)
@@ -114,6 +139,11 @@ def main() -> None:
         if (outputs_dir / f"{s['name']}.xyz").is_file():
             pugan = torch.from_numpy(read_xyz(outputs_dir / f"{s['name']}.xyz")).float()
             refs.setdefault("PU-GAN's own outputs", {})[s["name"]] = score_shape(pugan, s["verts"], s["faces"])
+        refs.setdefault("no learning: input + midpoints to its 15 nearest, farthest-point sampled", {})[s["name"]] = \
+            score_shape(midpoints(s["input"]), s["verts"], s["faces"])
+        with torch.no_grad():
+            refs.setdefault(f"PU-INN untrained (`{PRESET}` at its initialisation, seed 0)", {})[s["name"]] = \
+                score_shape(upsample_shape(net, s["input"], **opts), s["verts"], s["faces"])
         print(s["name"], {k: v.get(s["name"]) for k, v in refs.items()}, flush=True)
     inp, floor = refs["input alone (2048 points)"], refs["even-sample floor (a second even sample)"]
 
@@ -124,7 +154,8 @@ def main() -> None:
 
     command = (f"python bench/pu_inn.py --meshes {a.meshes} --test-dir {a.test_dir}"
                + (f" --work {a.work}" if a.work != p.get_default("work") else "")
-               + (f" --full-run {a.full_run}" if a.full_run else "") + f" --ablation-steps {a.ablation_steps}")
+               + (f" --full-run {a.full_run}" if a.full_run else "") + f" --ablation-steps {a.ablation_steps}"
+               + (f" --ablations '{a.ablations}'" if a.ablations else ""))
     lines = [f"Device: {device_name()}; torch {torch.__version__}; measured {time.strftime('%Y-%m-%d %H:%M')} by "
              f"`{command}`", "",
              f"Test pairs: {', '.join(names)} (2048 input points each, upsampled x4 to 8192). Ground truth: an even "
@@ -155,6 +186,8 @@ def main() -> None:
                   "| run | what it changes | " + " | ".join(f"{n} CD" for n in names) + " | val CD (input alone) | steps |",
                   "|---|---|" + "---|" * len(names) + "---|---|"]
         for name, what, overrides in ABLATIONS:
+            if chosen is not None and name not in chosen:
+                continue
             r = run_preset(work / f"ablation_{s_}_{name.replace(' ', '_')}", short + overrides, meshes, test_dir,
                            work / "patch_cache", shapes)
             cells = [f"{r['scores'][n]['cd'] * 1e3:.3f} ({closed(inp[n]['cd'], floor[n]['cd'], r['scores'][n]['cd'])}; "

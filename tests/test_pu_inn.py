@@ -494,3 +494,35 @@ def test_pu_inn_smoke_lowers_cd_and_memory_stays_flat(make_cfg, tmp_path):
                              "data.generate=null", f"data.test_root={test_root}")
     assert_same_test_metrics(metrics, evaluated)
     assert len(json.loads((tmp_path / "eval" / "test_scores.json").read_text())) == 2
+
+
+def test_the_preset_candidates_reach_the_gaps_of_a_non_uniform_input(make_cfg):
+    """``experiment=pu_inn_meshes_cpu``'s network (``net.more_up`` 12: 16 candidates a point, farthest-point
+    sampled to 4) covers the gaps of a random 256-point subset of an even 1024-point patch already at its
+    initialisation, where 4 candidates a point (``more_up`` 0, the earlier preset) stay by the inputs: the
+    target->prediction half of CD (coverage) at least halves, and the accuracy half (mean squared distance to
+    the targets) stays under a quarter of the inputs' mean squared nearest-neighbour distance."""
+    from src.geometry.knn import knn_points
+    from src.models.pu_inn.network import PUINN
+
+    net_cfg = dict(make_cfg("experiment=pu_inn_meshes_cpu").model.net)
+    assert net_cfg["more_up"] == 12
+    g = torch.Generator().manual_seed(0)
+    u, v = torch.meshgrid(torch.linspace(-1, 1, 32), torch.linspace(-1, 1, 32), indexing="ij")
+    dense = torch.stack([u, v, 0.3 * (u**2 - v**2)], -1).reshape(1, -1, 3)  # an even saddle patch
+    dense = dense + 0.01 * torch.randn(dense.shape, generator=g)
+    dense = dense / dense.norm(dim=-1).max()  # the unit-sphere frame patches are upsampled in
+    sparse = dense[:, torch.randperm(1024, generator=g)[:256]]  # random: clumps and holes, as PU-GAN's inputs
+
+    def halves(pred):
+        return float(knn_points(pred, dense, 1)[0].mean()), float(knn_points(dense, pred, 1)[0].mean())
+
+    out = {}
+    for more_up in (0, 12):
+        torch.manual_seed(0)
+        with torch.no_grad():
+            out[more_up] = halves(PUINN(**{**net_cfg, "more_up": more_up}).eval()(sparse)["dense"])
+    inp = halves(sparse)
+    spacing = float(knn_points(sparse, sparse, 2)[0][..., 1].mean())  # squared nearest-input distance
+    assert out[12][1] < 0.5 * out[0][1] < 0.5 * inp[1], (inp, out)
+    assert out[12][0] < 0.25 * spacing, (out, spacing)
