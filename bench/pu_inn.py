@@ -52,7 +52,7 @@ ABLATIONS = [
     ("generated meshes", "trained on 16 generated primitives (data=synthetic_pu, 32 patches each) instead of real meshes",
      ["data=synthetic_pu", "data.generate.n_meshes=16", "data.generate.patches_per_mesh=32"]),
     # options tried after issue 14's changes
-    ("no more_up (the preset before)", "4 candidates a point (net.more_up=0) instead of 16 farthest-point sampled to 4",
+    ("no more_up", "4 candidates a point (net.more_up=0, the preset before) instead of 16 farthest-point sampled to 4",
      ["model.net.more_up=0"]),
 ]
 
