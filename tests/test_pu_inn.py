@@ -503,6 +503,7 @@ def test_the_preset_candidates_reach_the_gaps_of_a_non_uniform_input(make_cfg):
     target->prediction half of CD (coverage) at least halves, and the accuracy half (mean squared distance to
     the targets) stays under a quarter of the inputs' mean squared nearest-neighbour distance."""
     from src.geometry.knn import knn_points
+    from src.geometry.pu_metrics import cd_hd
     from src.models.pu_inn.network import PUINN
 
     net_cfg = dict(make_cfg("experiment=pu_inn_meshes_cpu").model.net)
@@ -514,8 +515,9 @@ def test_the_preset_candidates_reach_the_gaps_of_a_non_uniform_input(make_cfg):
     dense = dense / dense.norm(dim=-1).max()  # the unit-sphere frame patches are upsampled in
     sparse = dense[:, torch.randperm(1024, generator=g)[:256]]  # random: clumps and holes, as PU-GAN's inputs
 
-    def halves(pred):
-        return float(knn_points(pred, dense, 1)[0].mean()), float(knn_points(dense, pred, 1)[0].mean())
+    def halves(pred):  # (accuracy, coverage) in the patch's own frame
+        h = cd_hd(pred[0], dense[0], normalize=False)
+        return h["cd_pred_to_gt"], h["cd_gt_to_pred"]
 
     out = {}
     for more_up in (0, 12):
