@@ -203,8 +203,8 @@ def test_logdet_unknown_estimator_is_named():
 # ---------------------------------------------------------------------------------------------- metrics
 from conftest import SHARED_DATA  # noqa: E402
 
-from src.geometry.pu_metrics import (cd_hd, farthest_point_sample, normalize_unit_sphere,  # noqa: E402
-                                     point_triangle_distance, read_off, read_xyz)
+from src.geometry.pu_metrics import (cd_hd, closest_points_on_mesh, farthest_point_sample,  # noqa: E402
+                                     normalize_unit_sphere, point_triangle_distance, read_off, read_xyz)
 
 PU_GAN = SHARED_DATA / "pu_gan" / "test"
 
@@ -222,6 +222,16 @@ def test_pu_cd_hd_on_hand_made_clouds():
     assert cd_hd(gt, gt) == {"cd": 0.0, "hd": 0.0, "cd_pred_to_gt": 0.0, "cd_gt_to_pred": 0.0}
     n, c, s = normalize_unit_sphere(pred * 3 + 1)
     assert n.norm(dim=-1).max() == pytest.approx(1.0) and float(s) == pytest.approx(3.0)
+
+
+def test_pu_hd_sums_both_directions_as_pu_gans_evaluate_py():
+    """Misses both ways: (1, 0, 0) lies 1 from the truth (squared), (0, 2, 0) lies 4 from the prediction. PU-GAN's
+    evaluate.py (which the re-evaluated tables use) adds the two maxima: HD 5, not max 4."""
+    pred = torch.tensor([[0.0, 0, 0], [1, 0, 0]], dtype=torch.float64)
+    gt = torch.tensor([[0.0, 0, 0], [0, 2, 0]], dtype=torch.float64)
+    got = cd_hd(pred, gt, normalize=False)
+    assert got["hd"] == pytest.approx(5.0) and got["cd"] == pytest.approx(0.5 + 2.0)
+    assert (got["cd_pred_to_gt"], got["cd_gt_to_pred"]) == (pytest.approx(0.5), pytest.approx(2.0))
 
 
 def test_emd_is_the_optimal_matching():
@@ -258,6 +268,15 @@ def test_point_to_triangle_distance_matches_a_dense_search():
     assert (got <= ref + 1e-12).all()  # exact is never farther than a sampled point
     assert (ref - got).max() < 5e-3  # and the grid gets within its spacing
     assert point_triangle_distance(dense[::97], verts, faces).max() < 1e-9  # points on the mesh: 0
+    near, dist = closest_points_on_mesh(pts, verts, faces)
+    assert torch.allclose((near - pts).norm(dim=-1), got) and torch.equal(dist, got)  # the closest point is that far
+    assert point_triangle_distance(near, verts, faces).max() < 1e-9  # and lies on the mesh
+    # above the inside of a face: the foot of the perpendicular
+    flat = torch.tensor([[0.0, 0, 0], [1, 0, 0], [0, 1, 0]], dtype=torch.float64)
+    q = torch.tensor([[0.2, 0.3, 0.7], [2.0, 0.0, -1.0]], dtype=torch.float64)
+    near, dist = closest_points_on_mesh(q, flat, torch.tensor([[0, 1, 2]]))
+    assert torch.allclose(near, torch.tensor([[0.2, 0.3, 0.0], [1.0, 0.0, 0.0]], dtype=torch.float64))
+    assert torch.allclose(dist, torch.tensor([0.7, 2.0 ** 0.5], dtype=torch.float64))
 
 
 def test_farthest_point_sample_spreads_points():
