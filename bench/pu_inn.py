@@ -18,10 +18,12 @@ MESHES: a folder of training meshes (OBJ / OFF / PLY); TESTS: PU-GAN test pairs 
 
 Every cloud is scored by ``src.models.pu_inn.module.score_shape`` against an even 8192-point sample of the mesh
 (farthest-point thinning of 8x as many area samples, seed 0): CD, HD, P2F x1e-3 on unit-sphere-normalised
-clouds. The floor is a second even sample (seed 1) scored the same way: no cloud of that size scores much
+clouds; HD as PU-GAN's evaluate.py sums it (the two directions' largest squared distances). The floor is a second even sample (seed 1) scored the same way: no cloud of that size scores much
 lower. "closed" is the share of the distance from the input alone to the floor that a cloud closes,
 (input - cloud) / (input - floor), for CD and HD. P2F has no such share: the inputs lie on the surface
-(P2F 0), so any upsampler can only add to it.
+(P2F 0), so any upsampler can only add to it. A second table moves each upsampled cloud's points onto the mesh
+(their closest points; an oracle) and scores it again, so a reader sees how much of each CD is error off the surface
+and how much is the layout on it (gaps left open).
 """
 from __future__ import annotations
 
@@ -37,7 +39,8 @@ from _common import CUDA, ROOT, device_name, emit  # bench/_common.py
 
 from src.data.pu_gan import load_test_shapes
 from src.geometry.knn import knn_points
-from src.geometry.pu_metrics import cd_hd, even_surface_sample, farthest_point_sample, read_xyz
+from src.geometry.pu_metrics import (cd_hd, closest_points_on_mesh, even_surface_sample, farthest_point_sample,
+                                     read_xyz)
 from src.models.pu_inn.module import ground_truth, score_shape, upsample_shape
 from src.models.pu_inn.network import PUINN, gather
 
@@ -57,11 +60,23 @@ ABLATIONS = [
 ]
 
 
-def cd_halves(run_dir: Path, name: str, verts, faces) -> dict:
-    """CD's two halves of a run's saved test cloud (``test_points/<name>.xyz``) against the same ground truth
-    ``score_shape`` uses, for runs whose scores predate them."""
-    pred = torch.from_numpy(read_xyz(run_dir / "test_points" / f"{name}.xyz")).double()
-    return {k: v for k, v in cd_hd(pred, ground_truth(verts, faces, pred.shape[0])).items() if k.startswith("cd_")}
+def saved_cloud(run_dir: Path, name: str) -> torch.Tensor:
+    return torch.from_numpy(read_xyz(run_dir / "test_points" / f"{name}.xyz")).double()
+
+
+def rescore(run_dir: Path, name: str, verts, faces) -> dict:
+    """CD (with its halves) and HD of a run's saved test cloud (``test_points/<name>.xyz``) by the current metric
+    code, against the same ground truth ``score_shape`` uses: a reused run's table then never mixes definitions."""
+    pred = saved_cloud(run_dir, name)
+    return cd_hd(pred, ground_truth(verts, faces, pred.shape[0]))
+
+
+def onto_mesh(pred: torch.Tensor, verts, faces) -> dict:
+    """CD of a cloud with each point moved to its closest mesh point: an oracle no upsampler has, which removes
+    the error off the surface and leaves what the cloud's layout on it costs (coverage)."""
+    v, f = torch.as_tensor(verts).double(), torch.as_tensor(faces)
+    moved = closest_points_on_mesh(pred.double(), v, f)[0]
+    return cd_hd(moved, ground_truth(verts, faces, pred.shape[0]))
 
 
 def run_preset(run_dir: Path, overrides: list[str], meshes: Path, test_dir: Path, cache: Path, shapes: list[dict]) -> dict:
@@ -78,15 +93,15 @@ def run_preset(run_dir: Path, overrides: list[str], meshes: Path, test_dir: Path
     scores = {s["name"]: {k[5:]: v / 1e3 for k, v in s.items() if k.startswith("test/")}
               for s in json.loads((run_dir / "test_scores.json").read_text())}
     for shape in shapes:
-        if "cd_gt_to_pred" not in scores[shape["name"]]:
-            scores[shape["name"]].update(cd_halves(run_dir, shape["name"], shape["verts"], shape["faces"]))
+        scores[shape["name"]].update(rescore(run_dir, shape["name"], shape["verts"], shape["faces"]))
     return {"scores": scores, "steps": metrics["train/steps"], "train_s": metrics["time/train_s"],
             "val_cd": metrics.get("val/cd"), "val_cd_input": metrics.get("val/cd_input")}
 
 
 def midpoints(points: torch.Tensor, k: int = 16, r: int = 4) -> torch.Tensor:
     """No learning: the input and the midpoints to each point's ``k - 1`` nearest inputs, farthest-point sampled
-    to r N (the preset's candidates at its initialisation, without a network)."""
+    to r N (with k 16: the preset's candidates at its initialisation, without a network; k 32 reaches further into
+    the input's holes)."""
     x = points.double()[None]
     cand = torch.cat([x, 0.5 * (gather(x, knn_points(x, x, k)[1])[:, :, 1:] + x[:, :, None]).reshape(1, -1, 3)], 1)[0]
     return cand[farthest_point_sample(cand, r * points.shape[0])]
@@ -130,20 +145,24 @@ def main() -> None:
     outputs_dir = test_dir.parent / "test_outputs"
 
     refs: dict[str, dict[str, dict]] = {"input alone (2048 points)": {}, "even-sample floor (a second even sample)": {}}
+    clouds: dict[str, dict[str, torch.Tensor]] = {}  # the upsampled clouds, for the onto-the-mesh table
+    mid = "no learning: input + midpoints to its {} nearest, farthest-point sampled"
     net, opts = untrained()
     for s in shapes:
         n = 4 * s["input"].shape[0]
         refs["input alone (2048 points)"][s["name"]] = score_shape(s["input"], s["verts"], s["faces"], gt_points=n)
         refs["even-sample floor (a second even sample)"][s["name"]] = score_shape(
             even_surface_sample(s["verts"], s["faces"], n, seed=1), s["verts"], s["faces"])
+        made = {}
         if (outputs_dir / f"{s['name']}.xyz").is_file():
-            pugan = torch.from_numpy(read_xyz(outputs_dir / f"{s['name']}.xyz")).float()
-            refs.setdefault("PU-GAN's own outputs", {})[s["name"]] = score_shape(pugan, s["verts"], s["faces"])
-        refs.setdefault("no learning: input + midpoints to its 15 nearest, farthest-point sampled", {})[s["name"]] = \
-            score_shape(midpoints(s["input"]), s["verts"], s["faces"])
+            made["PU-GAN's own outputs"] = torch.from_numpy(read_xyz(outputs_dir / f"{s['name']}.xyz")).float()
+        made[mid.format(15)] = midpoints(s["input"], k=16)
+        made[mid.format(31)] = midpoints(s["input"], k=32)
         with torch.no_grad():
-            refs.setdefault(f"PU-INN untrained (`{PRESET}` at its initialisation, seed 0)", {})[s["name"]] = \
-                score_shape(upsample_shape(net, s["input"], **opts), s["verts"], s["faces"])
+            made[f"PU-INN untrained (`{PRESET}` at its initialisation, seed 0)"] = upsample_shape(net, s["input"], **opts)
+        for row, cloud in made.items():
+            refs.setdefault(row, {})[s["name"]] = score_shape(cloud, s["verts"], s["faces"])
+            clouds.setdefault(row, {})[s["name"]] = cloud
         print(s["name"], {k: v.get(s["name"]) for k, v in refs.items()}, flush=True)
     inp, floor = refs["input alone (2048 points)"], refs["even-sample floor (a second even sample)"]
 
@@ -151,6 +170,7 @@ def main() -> None:
                       work / "patch_cache", shapes)
     model_row = f"PU-INN, `{PRESET}` ({full['steps']} steps, {full['train_s'] / 60:.0f} min training)"
     rows = {**refs, model_row: full["scores"]}
+    clouds[model_row] = {n: saved_cloud(Path(a.full_run).resolve() if a.full_run else work / "full", n) for n in names}
 
     command = (f"python bench/pu_inn.py --meshes {a.meshes} --test-dir {a.test_dir}"
                + (f" --work {a.work}" if a.work != p.get_default("work") else "")
@@ -159,7 +179,8 @@ def main() -> None:
     lines = [f"Device: {device_name()}; torch {torch.__version__}; measured {time.strftime('%Y-%m-%d %H:%M')} by "
              f"`{command}`", "",
              f"Test pairs: {', '.join(names)} (2048 input points each, upsampled x4 to 8192). Ground truth: an even "
-             "8192-point sample of each mesh. CD, HD, P2F x1e-3 on unit-sphere-normalised clouds; closed: the share "
+             "8192-point sample of each mesh. CD, HD, P2F x1e-3 on unit-sphere-normalised clouds (HD: the two directions' "
+             "largest squared distances summed, as PU-GAN's evaluate.py); closed: the share "
              "of the input-to-floor distance closed.", "",
              "CD is the sum of its two halves: pred->gt (accuracy: how far the points lie from the surface's sample) "
              "and gt->pred (coverage: how far the surface's sample lies from the points, high where gaps stay open).", "",
@@ -174,6 +195,24 @@ def main() -> None:
             lines.append(f"| {row} | {n} | {s['cd'] * 1e3:.3f} | {halves} | {s['hd'] * 1e3:.2f} | {s['p2f'] * 1e3:.2f} "
                          f"({s['p2f_std'] * 1e3:.2f}) | {closed(inp[n]['cd'], floor[n]['cd'], s['cd'])} | "
                          f"{closed(inp[n]['hd'], floor[n]['hd'], s['hd'])} |")
+
+    lines += ["", "Off the surface or badly laid out on it? The same clouds with each point moved to its closest mesh "
+              "point (an oracle no upsampler has): what is left is coverage, the layout on the surface. CD x1e-3 "
+              "(pred->gt / gt->pred).", "",
+              "| cloud | " + " | ".join(f"{n} CD | {n} CD, moved onto the mesh" for n in names) + " |",
+              "|---|" + "---|---|" * len(names)]
+    for row, by_shape in clouds.items():
+        cells = []
+        for n in names:
+            if n not in by_shape:
+                cells += ["-", "-"]
+                continue
+            s = rows[row][n]
+            o = onto_mesh(by_shape[n], shapes[names.index(n)]["verts"], shapes[names.index(n)]["faces"])
+            cells += [f"{s['cd'] * 1e3:.3f} ({s['cd_pred_to_gt'] * 1e3:.3f} / {s['cd_gt_to_pred'] * 1e3:.3f})",
+                      f"{o['cd'] * 1e3:.3f} ({o['cd_pred_to_gt'] * 1e3:.3f} / {o['cd_gt_to_pred'] * 1e3:.3f})"]
+        lines.append(f"| {row} | {' | '.join(cells)} |")
+        print(lines[-1], flush=True)
 
     if a.ablation_steps > 0:
         s_ = a.ablation_steps
