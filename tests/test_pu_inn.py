@@ -226,7 +226,7 @@ def test_pu_cd_hd_on_hand_made_clouds():
 
 def test_pu_hd_sums_both_directions_as_pu_gans_evaluate_py():
     """Misses both ways: (1, 0, 0) lies 1 from the truth (squared), (0, 2, 0) lies 4 from the prediction. PU-GAN's
-    evaluate.py (which the re-evaluated tables use) adds the two maxima: HD 5, not max 4."""
+    released evaluate.py adds the two maxima: HD 5, not max 4."""
     pred = torch.tensor([[0.0, 0, 0], [1, 0, 0]], dtype=torch.float64)
     gt = torch.tensor([[0.0, 0, 0], [0, 2, 0]], dtype=torch.float64)
     got = cd_hd(pred, gt, normalize=False)

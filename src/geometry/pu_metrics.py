@@ -2,8 +2,8 @@
 sphere (centred on their mean, divided by their furthest point's distance); CD the mean squared
 nearest-neighbour distance from prediction to ground truth plus the same from ground truth to prediction;
 HD the largest of those squared distances from prediction to ground truth plus the largest from ground truth to
-prediction (as PU-GAN's ``evaluate.py`` computes it, which the re-evaluated tables use; the paper's max of the
-two is between half and all of it); P2F the distance of each predicted point to
+prediction (as PU-GAN's released ``evaluate.py`` computes it; the larger of the two alone is between half and all
+of it); P2F the distance of each predicted point to
 the ground-truth mesh (exact point-to-triangle), mean and std; EMD the mean distance under the optimal
 one-to-one matching (exact, :func:`emd_exact`) of the normalised clouds. Values are raw (the benchmark reports x1e-3)."""
 from __future__ import annotations
