@@ -66,23 +66,19 @@ def saved_cloud(run_dir: Path, name: str) -> torch.Tensor:
     return torch.from_numpy(read_xyz(run_dir / "test_points" / f"{name}.xyz")).double()
 
 
-def rescore(run_dir: Path, name: str, verts, faces) -> dict:
-    """CD (with its halves) and HD of a run's saved test cloud (``test_points/<name>.xyz``) by the current metric
-    code, against the same ground truth ``score_shape`` uses: a reused run's table then never mixes definitions."""
-    pred = saved_cloud(run_dir, name)
-    return cd_hd(pred, ground_truth(verts, faces, pred.shape[0]))
+def onto_mesh(pred: torch.Tensor, shape: dict, gt: torch.Tensor) -> dict:
+    """CD of a cloud with each point moved to its closest point of the shape's mesh: an oracle no upsampler has,
+    which removes the error off the surface and leaves what the cloud's layout on it costs (coverage)."""
+    v, f = torch.as_tensor(shape["verts"]).double(), torch.as_tensor(shape["faces"])
+    return cd_hd(closest_points_on_mesh(pred.double(), v, f)[0], gt)
 
 
-def onto_mesh(pred: torch.Tensor, verts, faces) -> dict:
-    """CD of a cloud with each point moved to its closest mesh point: an oracle no upsampler has, which removes
-    the error off the surface and leaves what the cloud's layout on it costs (coverage)."""
-    v, f = torch.as_tensor(verts).double(), torch.as_tensor(faces)
-    moved = closest_points_on_mesh(pred.double(), v, f)[0]
-    return cd_hd(moved, ground_truth(verts, faces, pred.shape[0]))
-
-
-def run_preset(run_dir: Path, overrides: list[str], meshes: Path, test_dir: Path, cache: Path, shapes: list[dict]) -> dict:
-    """Train and test the preset with ``overrides`` in ``run_dir`` unless it already holds a finished run."""
+def run_preset(run_dir: Path, overrides: list[str], meshes: Path, test_dir: Path, cache: Path,
+               gts: dict[str, torch.Tensor]) -> dict:
+    """Train and test the preset with ``overrides`` in ``run_dir`` unless it already holds a finished run. CD (with
+    its halves) and HD are taken again from the saved test clouds (``test_points/<name>.xyz``) by the current metric
+    code against ``gts`` (each shape's ``ground_truth``, as ``score_shape`` makes it): a reused run's table then
+    never mixes definitions."""
     if not (run_dir / "test_scores.json").is_file():
         mesh_args = [] if "data=synthetic_pu" in overrides else [f"data.root={meshes}", f"data.cache_dir={cache}"]
         cmd = [sys.executable, "train.py", PRESET, *mesh_args, f"data.test_root={test_dir}",
@@ -94,8 +90,8 @@ def run_preset(run_dir: Path, overrides: list[str], meshes: Path, test_dir: Path
     metrics = json.loads((run_dir / "metrics.json").read_text())
     scores = {s["name"]: {k[5:]: v / 1e3 for k, v in s.items() if k.startswith("test/")}
               for s in json.loads((run_dir / "test_scores.json").read_text())}
-    for shape in shapes:
-        scores[shape["name"]].update(rescore(run_dir, shape["name"], shape["verts"], shape["faces"]))
+    for name, gt in gts.items():
+        scores[name].update(cd_hd(saved_cloud(run_dir, name), gt))
     return {"scores": scores, "steps": metrics["train/steps"], "train_s": metrics["time/train_s"],
             "val_cd": metrics.get("val/cd"), "val_cd_input": metrics.get("val/cd_input")}
 
@@ -150,11 +146,12 @@ def main() -> None:
     clouds: dict[str, dict[str, torch.Tensor]] = {}  # the upsampled clouds, for the onto-the-mesh table
     mid = "no learning: input + midpoints to its {} nearest, farthest-point sampled"
     net, opts = untrained()
+    gts = {s["name"]: ground_truth(s["verts"], s["faces"], 4 * s["input"].shape[0]) for s in shapes}  # made once
     for s in shapes:
-        n = 4 * s["input"].shape[0]
-        refs["input alone (2048 points)"][s["name"]] = score_shape(s["input"], s["verts"], s["faces"], gt_points=n)
+        gt = gts[s["name"]]
+        refs["input alone (2048 points)"][s["name"]] = score_shape(s["input"], s["verts"], s["faces"], gt=gt)
         refs["even-sample floor (a second even sample)"][s["name"]] = score_shape(
-            even_surface_sample(s["verts"], s["faces"], n, seed=1), s["verts"], s["faces"])
+            even_surface_sample(s["verts"], s["faces"], gt.shape[0], seed=1), s["verts"], s["faces"], gt=gt)
         made = {}
         if (outputs_dir / f"{s['name']}.xyz").is_file():
             made["PU-GAN's own outputs"] = torch.from_numpy(read_xyz(outputs_dir / f"{s['name']}.xyz")).float()
@@ -163,16 +160,16 @@ def main() -> None:
         with torch.no_grad():
             made[f"PU-INN untrained (`{PRESET}` at its initialisation, seed 0)"] = upsample_shape(net, s["input"], **opts)
         for row, cloud in made.items():
-            refs.setdefault(row, {})[s["name"]] = score_shape(cloud, s["verts"], s["faces"])
+            refs.setdefault(row, {})[s["name"]] = score_shape(cloud, s["verts"], s["faces"], gt=gt)
             clouds.setdefault(row, {})[s["name"]] = cloud
         print(s["name"], {k: v.get(s["name"]) for k, v in refs.items()}, flush=True)
     inp, floor = refs["input alone (2048 points)"], refs["even-sample floor (a second even sample)"]
 
-    full = run_preset(Path(a.full_run).resolve() if a.full_run else work / "full", [], meshes, test_dir,
-                      work / "patch_cache", shapes)
+    full_dir = Path(a.full_run).resolve() if a.full_run else work / "full"
+    full = run_preset(full_dir, [], meshes, test_dir, work / "patch_cache", gts)
     model_row = f"PU-INN, `{PRESET}` ({full['steps']} steps, {full['train_s'] / 60:.0f} min training)"
     rows = {**refs, model_row: full["scores"]}
-    clouds[model_row] = {n: saved_cloud(Path(a.full_run).resolve() if a.full_run else work / "full", n) for n in names}
+    clouds[model_row] = {n: saved_cloud(full_dir, n) for n in names}
 
     command = (f"python bench/pu_inn.py --meshes {a.meshes} --test-dir {a.test_dir}"
                + (f" --work {a.work}" if a.work != p.get_default("work") else "")
@@ -210,7 +207,7 @@ def main() -> None:
                 cells += ["-", "-"]
                 continue
             s = rows[row][n]
-            o = onto_mesh(by_shape[n], shapes[names.index(n)]["verts"], shapes[names.index(n)]["faces"])
+            o = onto_mesh(by_shape[n], shapes[names.index(n)], gts[n])
             cells += [f"{s['cd'] * 1e3:.3f} ({s['cd_pred_to_gt'] * 1e3:.3f} / {s['cd_gt_to_pred'] * 1e3:.3f})",
                       f"{o['cd'] * 1e3:.3f} ({o['cd_pred_to_gt'] * 1e3:.3f} / {o['cd_gt_to_pred'] * 1e3:.3f})"]
         lines.append(f"| {row} | {' | '.join(cells)} |")
@@ -230,7 +227,7 @@ def main() -> None:
             if chosen is not None and name not in chosen:
                 continue
             r = run_preset(work / f"ablation_{s_}_{name.replace(' ', '_')}", short + overrides, meshes, test_dir,
-                           work / "patch_cache", shapes)
+                           work / "patch_cache", gts)
             cells = [f"{r['scores'][n]['cd'] * 1e3:.3f} ({closed(inp[n]['cd'], floor[n]['cd'], r['scores'][n]['cd'])}; "
                      + (f"{r['scores'][n]['cd_gt_to_pred'] * 1e3:.3f})" if "cd_gt_to_pred" in r["scores"][n] else "-)")
                      for n in names]

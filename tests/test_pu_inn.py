@@ -234,6 +234,16 @@ def test_pu_hd_sums_both_directions_as_pu_gans_evaluate_py():
     assert (got["cd_pred_to_gt"], got["cd_gt_to_pred"]) == (pytest.approx(0.5), pytest.approx(2.0))
 
 
+def test_score_shape_with_a_ground_truth_made_once_scores_the_same():
+    """Handing score_shape the mesh's ground truth (as bench/pu_inn.py does, once per shape) changes nothing."""
+    from src.models.pu_inn.module import ground_truth, score_shape
+    verts = torch.tensor([[0.0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]], dtype=torch.float64)
+    faces = torch.tensor([[0, 2, 1], [0, 1, 3], [0, 3, 2], [1, 2, 3]])
+    noise = torch.randn(64, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    pred = ground_truth(verts, faces, 64, oversample=4) + 0.01 * noise
+    assert score_shape(pred, verts, faces, gt=ground_truth(verts, faces, 64)) == score_shape(pred, verts, faces)
+
+
 def test_emd_is_the_optimal_matching():
     """EMD against every one-to-one matching of 6 points (720 permutations); a shifted copy scores the shift;
     unequal sizes are refused."""

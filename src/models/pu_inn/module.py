@@ -61,12 +61,14 @@ def ground_truth(verts, faces, n: int, oversample: int = 8) -> torch.Tensor:
     return even_surface_sample(verts.numpy(), faces.numpy(), n, oversample).double()
 
 
-def score_shape(pred: torch.Tensor, verts, faces, gt_points: int | None = None, gt_oversample: int = 8) -> dict[str, float]:
+def score_shape(pred: torch.Tensor, verts, faces, gt_points: int | None = None, gt_oversample: int = 8,
+                gt: torch.Tensor | None = None) -> dict[str, float]:
     """A cloud (N, 3) against its mesh, as the PU-GAN benchmark scores it (raw values): CD (with its halves) and
     HD against ``ground_truth`` of ``gt_points`` points (default N), EMD (when the sizes agree) and P2F (mean,
-    std), all in the ground truth's unit-sphere frame."""
+    std), all in the ground truth's unit-sphere frame. ``gt``: that ground truth made once by the caller, for
+    many clouds of one mesh (the even sample takes seconds)."""
     pred = pred.detach().double()
-    gt = ground_truth(verts, faces, gt_points or pred.shape[0], gt_oversample).to(pred)
+    gt = (ground_truth(verts, faces, gt_points or pred.shape[0], gt_oversample) if gt is None else gt).to(pred)
     verts, faces = torch.as_tensor(verts).double().to(pred.device), torch.as_tensor(faces).to(pred.device)
     scores = cd_hd(pred, gt)
     if pred.shape[0] == gt.shape[0]:
