@@ -1,12 +1,14 @@
 """The GPU figures in one command: kernel parity on CUDA tensors at real sizes, per-op torch vs Triton
 timings, DVGO on lego torch vs Triton (seed 000's table), seed 003's distortion table, NeRF and NeuS
-training it/s and render s/image (seed 004's form), and memory growth per method.
+training it/s and render s/image (seed 004's form), memory growth per method, and PU-INN's CPU preset trained for a
+fixed time on the GPU (steps/s, CD on the PU-GAN test pairs).
 
 Usage:
   python bench/gpu.py [--lego PATH]     # on one GPU; ~8 minutes; writes bench/results/gpu.md
   python bench/gpu.py --tiny            # the same code at toy sizes on any machine (Triton under its
                                         # interpreter on a CPU: a check that the script runs, not a speed)
-Options: --sections parity,ops,dvgo,dist,render,memory; --budget-s (sections that would start past it
+Options: --sections parity,ops,dvgo,dist,render,memory,pu_inn; --pu-meshes / --pu-tests (default
+.gpu-data/pu_train_meshes and .gpu-data/pu_gan/test); --pu-minutes (PU-INN's training time); --budget-s (sections that would start past it
 are skipped, and the table says so); --dvgo-schedule fifth|full; --data-dir (generated scenes).
 
 Every section that cannot run says why in the output (no GPU, no lego, over budget).
@@ -37,7 +39,7 @@ from src import kernels  # noqa: E402
 from src.kernels import parity  # noqa: E402
 
 DEV = "cuda" if CUDA else "cpu"
-SECTIONS = ("parity", "ops", "dvgo", "dist", "render", "memory")
+SECTIONS = ("parity", "ops", "dvgo", "dist", "render", "memory", "pu_inn")
 # (it/s, s/img) quoted by seed 004 on its GPU
 SEED_004 = {"NeRF": (4.0, 21.0), "NeuS": (5.0, 60.0)}
 
@@ -284,6 +286,36 @@ def memory_section(tiny: bool, data_dir: str | None, tmp: str) -> list[str]:
     return rows
 
 
+# --------------------------------------------------------------------------------------- PU-INN
+def pu_inn_section(tiny: bool, meshes: str | None, tests: str | None, minutes: float, data_dir: str | None,
+                   tmp: str) -> list[str]:
+    """``experiment=pu_inn_meshes_cpu`` trained for ``minutes`` (Lightning's ``max_time``; lr constant, as the
+    step count is not known in advance), then tested on the PU-GAN pairs (CD, HD x1e-3; one patch layout)."""
+    if tiny:
+        label, seconds = "generated patches (`experiment=pu_inn_smoke`)", 20
+        over = ["experiment=pu_inn_smoke", "model.gt_oversample=2"]
+    elif meshes and tests:
+        label, seconds = f"`experiment=pu_inn_meshes_cpu` on {Path(meshes).name}", int(minutes * 60)
+        over = ["experiment=pu_inn_meshes_cpu", f"data.root={meshes}", f"data.test_root={tests}",
+                f"data.cache_dir={Path(tmp) / 'patch_cache'}", "model.test_layouts=1"]
+    else:
+        return ["skipped: no PU-INN training meshes and test pairs (--pu-meshes, --pu-tests)"]
+    over += ["model.iters=1000000", "model.lr_decay_every=1000000", f"+trainer.max_time=00:00:{seconds // 60:02d}:{seconds % 60:02d}",
+             "trainer.val_check_interval=1000000", "callbacks.model_checkpoint.every_n_train_steps=1000000"]
+    over += [f"paths.data_dir={data_dir}"] if data_dir else []
+    over += ["trainer=gpu"] if CUDA else []
+    m, wall = train_run(over, tmp, "pu_inn")
+    shapes = json.loads((Path(tmp) / "pu_inn" / "test_scores.json").read_text())
+    rows = [f"PU-INN, {label}, trained for {seconds} s at lr 1e-3 (no decay), tested on {len(shapes)} shapes "
+            "(CD, HD x1e-3; one patch layout)", "",
+            "| steps | steps/s | " + " | ".join(f"{s['name']} CD | {s['name']} HD" for s in shapes) + " | `mm:ss` (all in) |",
+            "|---|---|" + "---|---|" * len(shapes) + "---|",
+            f"| {m['train/steps']} | {m['train/steps'] / m['time/train_s']:.2f} | "
+            + " | ".join(f"{s['test/cd']:.3f} | {s['test/hd']:.2f}" for s in shapes) + f" | {mmss(wall)} |"]
+    print(rows[-1], flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="toy sizes (runs anywhere; CPU: Triton interpreted)")
@@ -292,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dvgo-schedule", default="fifth", choices=["fifth", "full"])
     p.add_argument("--budget-s", type=float, default=480.0, help="sections that would start after this are skipped")
     p.add_argument("--data-dir", default=None, help="where generated scenes are written (paths.data_dir)")
+    p.add_argument("--pu-meshes", default=None, help="PU-INN training meshes (default .gpu-data/pu_train_meshes)")
+    p.add_argument("--pu-tests", default=None, help="PU-GAN test pairs (default .gpu-data/pu_gan/test)")
+    p.add_argument("--pu-minutes", type=float, default=3.0, help="PU-INN's training time on the GPU")
     p.add_argument("--out", default=None, help="default bench/results/gpu.md (GPU) or bench/_runs/gpu_tiny.md")
     a = p.parse_args(argv)
     if not (CUDA or a.tiny):
@@ -302,11 +337,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     lego = a.lego or next((str(q) for q in (ROOT / ".gpu-data" / "lego", ROOT / "data" / "nerf_synthetic" / "lego")
                            if (q / "transforms_train.json").is_file()), None)
+    pu_meshes = a.pu_meshes or next((str(q) for q in (ROOT / ".gpu-data" / "pu_train_meshes",) if q.is_dir()), None)
+    pu_tests = a.pu_tests or next((str(q) for q in (ROOT / ".gpu-data" / "pu_gan" / "test",) if q.is_dir()), None)
     start = time.perf_counter()
     titles = {"parity": "Kernel parity on the device (torch reference vs Triton, values and gradients)",
               "ops": "Per op, torch vs Triton (forward + backward where the op has one)",
               "dvgo": "DVGO end to end (seed 000's table)", "dist": "Distortion loss (seed 003's table)",
-              "render": "NeRF and NeuS speed (seed 004's form)", "memory": "Memory growth per method (smoke presets)"}
+              "render": "NeRF and NeuS speed (seed 004's form)", "memory": "Memory growth per method (smoke presets)",
+              "pu_inn": "PU-INN: the CPU preset's network for a fixed time on the device"}
     lines = [f"Device: {device_name()}; torch {torch.__version__}; triton "
              f"{__import__('triton').__version__}; {platform.machine()}; measured {time.strftime('%Y-%m-%d %H:%M')} by "
              f"`python bench/gpu.py {' '.join(argv if argv is not None else sys.argv[1:])}`".rstrip(), ""]
@@ -328,7 +366,9 @@ def main(argv: list[str] | None = None) -> int:
                 body = {"parity": lambda: parity_section(a.tiny), "ops": lambda: ops_section(a.tiny),
                         "dvgo": lambda: dvgo_section(a.tiny, lego, a.dvgo_schedule, a.data_dir, tmp),
                         "dist": lambda: dist_section(a.tiny), "render": lambda: render_section(a.tiny),
-                        "memory": lambda: memory_section(a.tiny, a.data_dir, tmp)}[section]()
+                        "memory": lambda: memory_section(a.tiny, a.data_dir, tmp),
+                        "pu_inn": lambda: pu_inn_section(a.tiny, pu_meshes, pu_tests, a.pu_minutes, a.data_dir, tmp),
+                        }[section]()
             except Exception as e:  # noqa: BLE001 - report and go on to the next section
                 body = [f"failed: {type(e).__name__}: {str(e)[-1500:]}"]
             if body and body[0].startswith(("skipped", "failed")):

@@ -6,7 +6,8 @@ Usage:
   python bench/pu_inn_logdet.py                                     # an untrained PU-INN, generated patches
 Writes bench/results/pu_inn_logdet_<cpu|gpu>.md.
 
-Per estimator, on one batch of validation patches (the NLL's target points, each with its context), ``--draws``
+Per estimator, on one batch of validation patches (the NLL's points: the sparse inputs, each with its own
+feature as context), ``--draws``
 independent evaluations: the batch-mean log-det's bias against exact (mean over draws, with its standard
 error), its spread from draw to draw (std: what ``val/logdet`` and ``val/nll`` swing by), the spread of the
 per-point error, and the time of one evaluation (median). ``poisson (one length per batch)`` is the older
@@ -41,7 +42,7 @@ def val_batch(cfg, n_patches: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default=None, help="a PU-INN checkpoint (default: an untrained model)")
-    p.add_argument("--patches", type=int, default=4, help="validation patches in the batch (1024 points each)")
+    p.add_argument("--patches", type=int, default=16, help="validation patches in the batch (256 input points each)")
     p.add_argument("--draws", type=int, default=30)
     p.add_argument("--out", default=None)
     a = p.parse_args()
@@ -70,8 +71,8 @@ def main() -> None:
     batch = {k: v.to(device) for k, v in batch.items()}
     with torch.no_grad():
         feat = net.features(batch["sparse"])[0]
-        ctx = net.target_context(batch["sparse"], feat, batch["dense"])
-    x = batch["dense"].reshape(-1, 3)
+    ctx = feat.reshape(-1, feat.shape[-1])
+    x = batch["sparse"].reshape(-1, 3)
 
     def evaluate(name: str) -> torch.Tensor:
         return net.flow(x, ctx, estimator=name)[1].detach()
@@ -79,7 +80,7 @@ def main() -> None:
     exact = evaluate("exact")
     lines = [f"Device: {device_name()}; torch {torch.__version__}; measured {time.strftime('%Y-%m-%d %H:%M')} by "
              f"`python bench/pu_inn_logdet.py{' --ckpt ' + a.ckpt if a.ckpt else ''}`", "",
-             f"Model: {source}; {len(net.blocks)} flow blocks; {x.shape[0]} target points ({a.patches} patches); "
+             f"Model: {source}; {len(net.blocks)} flow blocks; {x.shape[0]} input points ({a.patches} patches); "
              f"exact log-det {float(exact.mean()):.4f} nats per point (batch mean). {a.draws} draws per random "
              "estimator. Bias: mean over draws of (batch-mean estimate - exact), +- its standard error; spread: std "
              "of the batch mean over draws; per-point error std: over points and draws.", "",

@@ -78,8 +78,15 @@ def test_patches_sizes_normalisation_and_fresh_inputs(mesh_folder, tmp_path):
     same_patch = [j for j in range(16) if plain.patch_of(j) == plain.patch_of(3) and j != 3][0]
     other = plain[same_patch]
     assert not torch.equal(first["sparse"], other["sparse"])  # drawn afresh for each item
-    for item in (first, other):  # inputs are points of their patch
+    for item in (first, other):  # inputs are points of their patch, in the input's unit sphere (as test patches)
         assert _dist_to(item["sparse"], item["dense"]).max() < 1e-6
+        assert item["sparse"].mean(0).abs().max() < 1e-5
+        assert float(item["sparse"].norm(dim=-1).max()) == pytest.approx(1.0, abs=1e-5)
+    in_target = PatchDraws(dm.train_set.patches, 32, "nonuniform", 0, augment=False, passes=2, normalize="target")[3]
+    assert torch.equal(in_target["dense"], dm.train_set.patches[plain.patch_of(3)])  # PU-GAN's frame: the target's
+    assert float(in_target["sparse"].norm(dim=-1).max()) < 1.0 - 1e-3  # a non-uniform input spans less of it
+    with pytest.raises(ValueError, match="data.normalize"):
+        MeshPatchesDataModule(str(mesh_folder), normalize="patch", **SMALL)
     assert {plain.patch_of(j) for j in range(8)} == set(range(8))  # each pass visits every patch once
     loader = dm.train_dataloader()
     batch = next(iter(loader))
@@ -143,4 +150,5 @@ def test_pu_gan_data_draws_its_inputs_from_poisson_1024(tmp_path):
 def test_mesh_patches_config_composes_and_points_at_the_data_layout(make_cfg):
     cfg = make_cfg("model=pu_inn", "data=mesh_patches")
     assert cfg.data.root.endswith("/pu_train_meshes") and cfg.data.test_root.endswith("/PU-GAN/test")
-    assert cfg.data.input_sampling == "nonuniform" and cfg.data.patch_points == 1024 and cfg.data.input_points == 256
+    assert cfg.data.input_sampling == "random" and cfg.data.normalize == "input"  # PU-Flow's inputs, the test frame
+    assert cfg.data.patch_points == 1024 and cfg.data.input_points == 256

@@ -115,15 +115,23 @@ def draw_input(patch_points: int, input_points: int, mode: str, generator: torch
     return torch.tensor(picked, dtype=torch.long)
 
 
+NORMALIZE = ("input", "target")
+
+
 class PatchDraws(Dataset):
     """Items ``j = 0, 1, 2, ...`` over patches (N, patch_points, 3): item j is patch ``perm_e[j mod N]`` (a fresh
     permutation each pass ``e = j // N``) with an input drawn for that item alone, both from ``(seed, j)``.
-    ``passes``: how many passes the dataset spans (its length is ``passes * N``)."""
+    ``passes``: how many passes the dataset spans (its length is ``passes * N``). ``normalize``: the frame of
+    the pair, ``input`` (the sparse input's centroid and furthest distance, after augmentation: the frame a test
+    patch is upsampled in, where only the input is known) or ``target`` (the dense patch's unit sphere, as PU-GAN's
+    loader; a non-uniform input then spans less than the unit sphere)."""
 
     def __init__(self, patches: torch.Tensor, input_points: int, mode: str, seed: int, augment: bool,
-                 passes: int = 1, shuffle: bool = True) -> None:
+                 passes: int = 1, shuffle: bool = True, normalize: str = "input") -> None:
+        if normalize not in NORMALIZE:
+            raise ValueError(f"data.normalize must be one of {', '.join(NORMALIZE)}, got {normalize!r}")
         self.patches, self.input_points, self.mode, self.seed = patches, int(input_points), mode, int(seed)
-        self.augment, self.passes, self.shuffle = augment, int(passes), shuffle
+        self.augment, self.passes, self.shuffle, self.normalize = augment, int(passes), shuffle, normalize
         self._perm: tuple[int, torch.Tensor] | None = None
         draw_input(patches.shape[1], min(4, patches.shape[1]), mode, torch.Generator().manual_seed(0), patches[0])
 
@@ -146,6 +154,9 @@ class PatchDraws(Dataset):
         sparse = dense[draw_input(dense.shape[0], self.input_points, self.mode, g, dense)]
         if self.augment:
             sparse, dense = augment(sparse, dense, g)
+        if self.normalize == "input":
+            sparse, centre, scale = normalize_unit_sphere(sparse)
+            dense = (dense - centre) / scale
         return {"sparse": sparse, "dense": dense, "index": i}
 
 
@@ -165,14 +176,15 @@ class MeshPatchesDataModule(L.LightningDataModule):
 
     Args: points_per_mesh, patches_per_mesh, patch_points, input_points: the protocol's sizes (PU-GAN: 200
         patches a mesh, 1024 -> 256). input_sampling: nonuniform | random | fps. augment: PU-GAN's augmentation.
+        normalize: each pair's frame, ``input`` (the sparse input's unit sphere, as test patches) or ``target``.
         batch_size, num_workers, seed. cache_dir: where the patches are cached (default ``root/.patch_cache``;
         ``~/.cache/neural3d/patch_cache`` when that is not writable).
     """
 
     def __init__(self, root: str, test_root: str | None = None, points_per_mesh: int = 8192,
                  patches_per_mesh: int = 200, patch_points: int = 1024, input_points: int = 256,
-                 input_sampling: str = "nonuniform", augment: bool = True, val_meshes: int = 1, batch_size: int = 8,
-                 num_workers: int = 0, seed: int = 0, cache_dir: str | None = None) -> None:
+                 input_sampling: str = "random", augment: bool = True, val_meshes: int = 1, batch_size: int = 8,
+                 num_workers: int = 0, seed: int = 0, cache_dir: str | None = None, normalize: str = "input") -> None:
         super().__init__()
         for key, value in dict(points_per_mesh=points_per_mesh, patches_per_mesh=patches_per_mesh,
                                patch_points=patch_points, input_points=input_points, batch_size=batch_size).items():
@@ -186,7 +198,10 @@ class MeshPatchesDataModule(L.LightningDataModule):
         self.test_root = Path(test_root) if test_root else None
         self.sizes = dict(points_per_mesh=int(points_per_mesh), patches_per_mesh=int(patches_per_mesh),
                           patch_points=int(patch_points))
+        if normalize not in NORMALIZE:
+            raise ValueError(f"data.normalize must be one of {', '.join(NORMALIZE)}, got {normalize!r}")
         self.input_points, self.input_sampling, self.augment = int(input_points), input_sampling, augment
+        self.normalize = normalize
         self.val_meshes, self.batch_size, self.num_workers, self.seed = int(val_meshes), int(batch_size), num_workers, int(seed)
         self.cache_dir = Path(cache_dir) if cache_dir else self.root / ".patch_cache"
         self.train_set = self.val_set = None
@@ -253,9 +268,9 @@ class MeshPatchesDataModule(L.LightningDataModule):
             else:
                 val = patches[-1:]
             self.train_set = PatchDraws(train.flatten(0, 1), self.input_points, self.input_sampling, self.seed,
-                                        self.augment, passes=10**6)
+                                        self.augment, passes=10**6, normalize=self.normalize)
             self.val_set = PatchDraws(val.flatten(0, 1), self.input_points, self.input_sampling, self.seed + 1,
-                                      False, passes=1, shuffle=False)
+                                      False, passes=1, shuffle=False, normalize=self.normalize)
         if stage in (None, "test") and self.test_shapes is None:
             if self.test_root is None:
                 raise DataError("data.test_root is not set: point it at a folder of PU-GAN test pairs "

@@ -204,18 +204,23 @@ class PUGANDataModule(L.LightningDataModule):
     ``poisson_256`` inputs of the file instead. Validation inputs are drawn once (fixed).
 
     Args: batch_size: patches per step. augment: PU-GAN's augmentation of training patches. num_workers.
+        normalize: the frame of drawn pairs, ``input`` (the sparse input's unit sphere, as test patches are
+        upsampled) or ``target`` (PU-GAN's loader; ``file`` inputs always use it).
         test_root: the test inputs and meshes (default ``root/test``): a folder of ``<name>.xyz`` inputs beside ``<name>.off`` meshes.
     """
 
     def __init__(self, root: str, train_file: str = "pu_patches.h5", batch_size: int = 8, val_fraction: float = 0.1,
                  augment: bool = True, generate: dict | None = None, num_workers: int = 0, seed: int = 0,
-                 test_root: str | None = None, input_sampling: str = "nonuniform", input_points: int = 256) -> None:
+                 test_root: str | None = None, input_sampling: str = "random", input_points: int = 256,
+                 normalize: str = "input") -> None:
         super().__init__()
-        if input_sampling != "file":
-            from src.data.mesh_patches import draw_input
+        from src.data.mesh_patches import NORMALIZE, draw_input
 
+        if input_sampling != "file":
             draw_input(8, 4, input_sampling, torch.Generator().manual_seed(0), torch.zeros(8, 3))  # names a bad mode
-        self.input_sampling, self.input_points = input_sampling, int(input_points)
+        if normalize not in NORMALIZE:
+            raise ValueError(f"data.normalize must be one of {', '.join(NORMALIZE)}, got {normalize!r}")
+        self.input_sampling, self.input_points, self.normalize = input_sampling, int(input_points), normalize
         self.root, self.train_file, self.batch_size = Path(root), train_file, int(batch_size)
         self.test_root = Path(test_root) if test_root else self.root / "test"
         self.val_fraction, self.augment, self.generate = val_fraction, augment, generate
@@ -247,9 +252,9 @@ class PUGANDataModule(L.LightningDataModule):
 
                 dense = torch.stack([normalize_unit_sphere(d)[0] for d in full.dense])
                 self.train_set = PatchDraws(dense[:-n_val], self.input_points, self.input_sampling, self.seed,
-                                            self.augment, passes=10**6)
+                                            self.augment, passes=10**6, normalize=self.normalize)
                 self.val_set = PatchDraws(dense[-n_val:], self.input_points, self.input_sampling, self.seed + 1,
-                                          False, passes=1, shuffle=False)
+                                          False, passes=1, shuffle=False, normalize=self.normalize)
         if stage in (None, "test") and self.test_shapes is None:
             self.test_shapes = load_test_shapes(self.test_root)
 

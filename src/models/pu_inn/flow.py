@@ -25,7 +25,7 @@ Jacobian by the chain rule through its layers: 3 x 3 here). ``"unrolled"`` keeps
 the older truncation (``inverse_grad_steps`` iterations with a graph: the first terms of the Neumann series,
 relative error up to ``Lip(g)^steps``), for comparison.
 
-A block's estimator is chosen separately for training and evaluation (seed 001's ``validation_step`` ran its
+A block's estimator is chosen separately for training and evaluation (PU-INN's ``validation_step`` runs its
 own log-det estimation). Estimation needs gradients, so it runs under ``torch.enable_grad`` even inside
 ``no_grad`` and Lightning's inference mode is turned off for methods built on these blocks.
 """
@@ -289,16 +289,18 @@ class ResidualBlock(nn.Module):
 
         def g_jac(x: torch.Tensor, rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
             h = first_map(x, rows)
-            jac = wx.expand(x.shape[0], -1, -1)  # (N, width, d)
+            # the Jacobian transposed, (N, d, width): each linear map is then one (N d, width) x (width, width')
+            # product instead of N small ones
+            jac_t = wx.t().contiguous().expand(x.shape[0], -1, -1)
             for m, wm in rest:
                 if wm is not None:
-                    h, jac = F.linear(h, wm, m.bias), torch.matmul(wm, jac)
+                    h, jac_t = F.linear(h, wm, m.bias), F.linear(jac_t.contiguous(), wm)
                 else:  # LipSwish: x sigmoid(beta x) / 1.1, derivative (s + beta x s (1 - s)) / 1.1
                     beta = F.softplus(m.raw_beta)
                     sig = torch.sigmoid(beta * h)
-                    jac = ((sig + beta * h * sig * (1 - sig)) / 1.1).unsqueeze(-1) * jac
+                    jac_t = ((sig + beta * h * sig * (1 - sig)) / 1.1).unsqueeze(1) * jac_t
                     h = h * sig / 1.1
-            return h, jac
+            return h, jac_t.transpose(1, 2)
         return g, g_jac
 
     def _implicit_adjoint(self, u: torch.Tensor, x0: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:

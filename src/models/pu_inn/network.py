@@ -1,17 +1,27 @@
-"""The PU-INN upsampler: local features from k nearest neighbours (EdgeConv), a conditional residual flow
+"""The PU-INN upsampler: local features from the k nearest neighbours (EdgeConv), a conditional residual flow
 from xyz to a latent space, learnt convex interpolation of latent codes to r times as many points, and the
-inverse flow back to xyz."""
-from __future__ import annotations
+inverse flow back to xyz.
 
-import math
+Where the flow earns its place is the inverse: each new point is decoded with the context of the point that made
+it (its parent; PU-Flow, Mao et al., TVCG 2022, repeats each point's context to its r children). Decoded with the
+same convex mix of the neighbours' contexts as its latent code, a flow that is close to affine across a patch
+returns the convex mix of the neighbours' xyz, whatever its parameters (``F^-1(sum w F(x_k; c_k); sum w c_k) =
+sum w x_k`` for an affine block), so the reconstruction loss never reached them; decoded with the parent's own
+context, a context-dependent shift of the flow becomes a first-order offset of the new point off the chord
+between its neighbours (``decode_context``)."""
+from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
 from src.geometry.knn import knn_points
 from src.geometry.pu_metrics import farthest_point_sample
-from src.models.pu_inn.flow import ResidualBlock
+from src.models.pu_inn.flow import ResidualBlock, SpectralNormLinear
 from src.phases import phase
+
+FEATURES = ("dense", "edge2")
+INTERPS = ("pair", "point")
+DECODE_CONTEXTS = ("parent", "mixed")
 
 
 def knn(points: torch.Tensor, k: int, queries: torch.Tensor | None = None) -> torch.Tensor:
@@ -39,72 +49,136 @@ class EdgeConv(nn.Module):
         return self.mlp(torch.cat([centre, nb - centre], -1)).amax(2)
 
 
+class DenseEdgeFeatures(nn.Module):
+    """Per-point features with patch-wide context: ``n_layers`` EdgeConv layers on the kNN graph of the input, each
+    seeing the input and every earlier layer's output (dense connections, as PU-Flow's and PU-GAN's feature units),
+    then each point's stack beside the patch's max-pooled stack (DGCNN's global feature), merged by an MLP."""
+
+    def __init__(self, feat_dim: int, n_layers: int = 3, growth: int = 24) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList()
+        width = 3
+        for _ in range(n_layers):
+            self.convs.append(EdgeConv(width, growth))
+            width += growth
+        self.merge = nn.Sequential(nn.Linear(2 * width, feat_dim), nn.LeakyReLU(0.2), nn.Linear(feat_dim, feat_dim))
+
+    def forward(self, pts: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        h = pts
+        for conv in self.convs:
+            h = torch.cat([h, conv(h, idx)], -1)
+        return self.merge(torch.cat([h, h.amax(1, keepdim=True).expand_as(h)], -1))
+
+
+class TwoEdgeFeatures(nn.Module):
+    """The earlier features: two EdgeConv layers, concatenated (no wider context)."""
+
+    def __init__(self, feat_dim: int) -> None:
+        super().__init__()
+        self.edge1 = EdgeConv(3, feat_dim // 2)
+        self.edge2 = EdgeConv(feat_dim // 2, feat_dim - feat_dim // 2)
+
+    def forward(self, pts: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        f1 = self.edge1(pts, idx)
+        return torch.cat([f1, self.edge2(f1, idx)], -1)
+
+
+class LocalRefine(nn.Module):
+    """A learnt step in xyz for each new point from its own neighbourhood (as Grad-PU refines points by the inputs
+    around them): the offsets of its ``k`` nearest input points in units of its parent's spacing, with their
+    features, max-pooled by a shared MLP (PointNet), then an MLP to a step of at most one spacing in each
+    coordinate. The last map starts at zero: at initialisation the points are the decoded ones."""
+
+    def __init__(self, feat_dim: int, k: int = 8) -> None:
+        super().__init__()
+        self.k = k
+        self.local = nn.Sequential(nn.Linear(feat_dim + 4, feat_dim), nn.ReLU(), nn.Linear(feat_dim, feat_dim))
+        self.step = nn.Sequential(nn.Linear(feat_dim, feat_dim), nn.ReLU(), nn.Linear(feat_dim, 3))
+        nn.init.zeros_(self.step[-1].weight)
+        nn.init.zeros_(self.step[-1].bias)
+
+    def forward(self, points: torch.Tensor, sparse: torch.Tensor, feat: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """points (B, M, 3) near the inputs sparse (B, N, 3) with features (B, N, C); scale (B, M, 1): each point's
+        length unit. -> steps (B, M, 3), each coordinate within (-scale, scale)."""
+        idx = knn(sparse, min(self.k, sparse.shape[1]), queries=points)  # (B, M, k)
+        rel = (gather(sparse, idx) - points[:, :, None]) / scale[..., None]  # (B, M, k, 3)
+        h = self.local(torch.cat([rel, rel.norm(dim=-1, keepdim=True), gather(feat, idx)], -1)).amax(2)
+        return torch.tanh(self.step(h)) * scale
+
+
 class PUINN(nn.Module):
-    """Args: k: neighbours for features and interpolation. feat_dim: per-point feature size. n_blocks, hidden,
-    n_layers, coeff: the flow (``ResidualBlock``). estimator / eval_estimator and the series options: the
-    log-det estimators (roulette: a series length per point or per batch). up_ratio: r. inverse_grad: the
-    inverse flow's gradient, ``implicit`` (exact, the default) or ``unrolled`` (``inverse_grad_steps``
-    iterations with a graph: the older truncated gradient). interp: how the r convex weight sets over the k
-    neighbours are made, ``point`` (from each point's feature, by neighbour rank) or ``pair`` (from each
-    point-neighbour pair's features and offset); interp_prior: the starting logit of the neighbours other than
-    the point itself and its r + more_up - 1 nearest (0 for those). more_up: extra candidates a point (PU-GAN's
-    ``more_up``, 2 in its release): (r + more_up) N points are made and farthest-point sampled to r N, so the
-    kept ones spread into the gaps. latent_offset: add to each interpolated code a learnt step from the point's
-    feature, each coordinate bounded by the latent distance to its k-th neighbour, so new points can leave
-    the neighbours' convex hull into the gaps (off: purely convex)."""
+    """Args: k: neighbours for features and interpolation. feat_dim: per-point feature (the flow's context) size.
+    features: ``dense`` (``DenseEdgeFeatures`` with ``feat_layers`` layers) or ``edge2`` (two EdgeConvs, the earlier
+    design). n_blocks, hidden, n_layers, coeff: the flow (``ResidualBlock``); flow_init_gain: scale of the last map
+    of each block's g at initialisation (small: the flow starts near the identity, so the first new points are
+    the convex mixes of the interpolation and not random offsets). estimator / eval_estimator and the series
+    options: the log-det estimators (roulette: a series length per point or per batch). up_ratio: r.
+    inverse_grad: the inverse flow's gradient, ``implicit`` (exact, the default) or ``unrolled``
+    (``inverse_grad_steps`` iterations with a graph: the older truncated gradient).
+
+    interp: how the convex weights over the k neighbours are made, ``pair`` (each (point, neighbour) pair's
+    features and offset, as PU-Flow's weight unit: every neighbour gets its own logit) or ``point`` (from each
+    point's feature alone, by neighbour rank: the earlier design); interp_prior: the starting logit of the
+    neighbours other than the point itself and the r + more_up - 1 spread evenly over the k ranks (0 for those; the
+    nearest ones when k = r + more_up), a learnt parameter.
+    more_up: extra candidates a point (PU-GAN's ``more_up``, 2 in its release): (r + more_up) N points are made and
+    farthest-point sampled to r N. decode_context: the context each new point is decoded with, ``parent`` (its
+    point's own, as PU-Flow) or ``mixed`` (the weights' mix of the neighbours' contexts: the earlier design, where
+    the flow cancels; module docstring). refine: a learnt step in xyz after decoding, zero at the start and bounded
+    by the parent's spacing to its nearest input in each coordinate, from the point's ``refine_k`` nearest inputs
+    (``LocalRefine``; PU-GAN and Grad-PU regress coordinates)."""
 
     def __init__(self, k: int = 16, feat_dim: int = 64, n_blocks: int = 4, hidden: int = 64, n_layers: int = 3,
                  coeff: float = 0.97, up_ratio: int = 4, estimator: str = "poisson", eval_estimator: str = "exact",
                  n_exact_terms: int = 2, lam: float = 2.0, n_terms: int = 10, neumann_grad: bool = True,
-                 inverse_grad: str = "implicit", inverse_grad_steps: int = 5, roulette: str = "point", interp: str = "point",
-                 interp_prior: float = -4.0, more_up: int = 0, latent_offset: bool = False) -> None:
+                 inverse_grad: str = "implicit", inverse_grad_steps: int = 5, roulette: str = "point",
+                 features: str = "dense", feat_layers: int = 3, flow_init_gain: float = 0.1, interp: str = "pair",
+                 interp_prior: float = -4.0, more_up: int = 0, decode_context: str = "parent",
+                 refine: bool = False, refine_k: int = 8) -> None:
         super().__init__()
+        for key, value, allowed in (("features", features, FEATURES), ("interp", interp, INTERPS),
+                                    ("decode_context", decode_context, DECODE_CONTEXTS)):
+            if value not in allowed:
+                raise ValueError(f"model.net.{key} must be one of {', '.join(allowed)}, got {value!r}")
         if more_up < 0 or up_ratio + more_up > k:
             raise ValueError(f"model.net.more_up must be in [0, k - up_ratio] = [0, {k - up_ratio}], got {more_up!r}")
         self.k, self.up_ratio, self.more_up = k, up_ratio, more_up
         self.n_sets = n_sets = up_ratio + more_up  # candidates a point; farthest-point sampling keeps r N of all
-        self.edge1 = EdgeConv(3, feat_dim // 2)
-        self.edge2 = EdgeConv(feat_dim // 2, feat_dim - feat_dim // 2)
+        self.interp_mode, self.decode_context = interp, decode_context
+        self.feature_net = DenseEdgeFeatures(feat_dim, feat_layers) if features == "dense" else TwoEdgeFeatures(feat_dim)
         self.blocks = nn.ModuleList([
             ResidualBlock(3, hidden, n_layers, coeff, estimator, eval_estimator, n_terms, n_exact_terms, lam,
                           neumann_grad=neumann_grad, context_dim=feat_dim, inverse_grad=inverse_grad,
                           inverse_grad_steps=inverse_grad_steps, roulette=roulette) for _ in range(n_blocks)])
-        if interp not in ("point", "pair"):
-            raise ValueError(f"model.net.interp must be 'point' or 'pair', got {interp!r}")
-        self.interp_mode = interp
-        # r sets of convex weights over the k neighbours. point: from each point's feature alone (weights by
-        # neighbour rank); pair: from each (point, neighbour) pair, [f_i, f_j - f_i, p_j - p_i], so a weight can
-        # depend on where that neighbour lies (attention-style)
-        in_dim = feat_dim if interp == "point" else 2 * feat_dim + 3
-        out_dim = n_sets * k if interp == "point" else n_sets
-        self.interp = nn.Sequential(nn.Linear(in_dim, feat_dim), nn.ReLU(), nn.Linear(feat_dim, out_dim))
-        # start near "the point itself and midpoints towards its nearest neighbours": a prior on the logits by
-        # neighbour rank (0 for the chosen ones, ``interp_prior`` for the rest)
+        with torch.no_grad():
+            for block in self.blocks:
+                last = [m for m in block.g if isinstance(m, SpectralNormLinear)][-1]
+                last.weight.mul_(flow_init_gain)
+                last.bias.mul_(flow_init_gain)
+        # n_sets convex weight sets over the k neighbours, started at "the point itself and the midpoints towards
+        # neighbours spread over the k ranks" (ranks 1, 2, ..., n_sets - 1 when n_sets = k; every other rank when
+        # k = 2 n_sets): a prior on the logits by neighbour rank (0 for the chosen ones, interp_prior else)
         prior = torch.full((n_sets, k), float(interp_prior))
         prior[:, 0] = 0.0
         for m in range(1, n_sets):
-            prior[m, m] = 0.0
+            prior[m, round(m * (k - 1) / max(1, n_sets - 1))] = 0.0
         if interp == "point":
+            self.interp = nn.Sequential(nn.Linear(feat_dim, feat_dim), nn.ReLU(), nn.Linear(feat_dim, n_sets * k))
             nn.init.zeros_(self.interp[-1].weight)
             with torch.no_grad():
                 self.interp[-1].bias.copy_(prior.flatten())
-        else:  # the MLP's own (small, random) init breaks the symmetry between the r weight sets
+        else:  # [f_i, f_j - f_i, offset, distance] of each pair; the MLP's small random init breaks the symmetry
+            self.interp = nn.Sequential(nn.Linear(2 * feat_dim + 4, feat_dim), nn.ReLU(), nn.Linear(feat_dim, n_sets))
             with torch.no_grad():
                 self.interp[-1].weight.mul_(0.1)
                 self.interp[-1].bias.zero_()
-            self.interp_prior = nn.Parameter(prior.t().contiguous())  # (k, r)
-        # latent_offset: a bounded step from each interpolated code, |each coordinate| < the distance to the
-        # point's k-th neighbour in the latent; zero at the start (so the model starts as the convex one)
-        self.offset = None
-        if latent_offset:
-            self.offset = nn.Sequential(nn.Linear(feat_dim, feat_dim), nn.ReLU(), nn.Linear(feat_dim, n_sets * 3))
-            nn.init.zeros_(self.offset[-1].weight)
-            nn.init.zeros_(self.offset[-1].bias)
+            self.interp_prior = nn.Parameter(prior.t().contiguous())  # (k, n_sets)
+        self.refine = LocalRefine(feat_dim, refine_k) if refine else None
 
     def features(self, pts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-point features (B, N, feat_dim) and the kNN indices (B, N, k) (each point first)."""
         idx = knn(pts, self.k)
-        f1 = self.edge1(pts, idx)
-        return torch.cat([f1, self.edge2(f1, idx)], -1), idx
+        return self.feature_net(pts, idx), idx
 
     def flow(self, x: torch.Tensor, context: torch.Tensor, with_logdet: bool = True, estimator: str | None = None):
         """xyz (M, 3) -> latent (M, 3) and the summed log-det (M,) (or None), by ``estimator`` (default each
@@ -122,13 +196,15 @@ class PUINN(nn.Module):
         return z
 
     def forward(self, sparse: torch.Tensor, up_ratio: int | None = None, with_logdet: bool = False) -> dict[str, torch.Tensor]:
-        """sparse (B, N, 3) -> dense (B, r N, 3); also the latent codes and (``with_logdet``) the log-det of
-        the flow at the sparse points (off by default: upsampling never needs it); with ``more_up`` also the
+        """sparse (B, N, 3) -> dense (B, r N, 3); also the latent codes, the features, (``with_logdet``) the
+        log-det of the flow at the sparse points (off by default: upsampling never needs it), ``flow_offset``
+        (B, N, r + more_up): how far the flow moved each new point from the convex mix of its neighbours' xyz, in
+        units of its parent's spacing to its nearest input (0 for a flow that cancels), and with ``more_up`` the
         (r + more_up) N ``candidates`` the dense points were farthest-point sampled from."""
         r = up_ratio or self.up_ratio
         if r != self.up_ratio:
             raise ValueError(f"this model interpolates {self.up_ratio} points per input point, not {r}")
-        r_all = self.n_sets
+        s = self.n_sets
         b, n, _ = sparse.shape
         with phase("features"):
             feat, idx = self.features(sparse)
@@ -136,18 +212,24 @@ class PUINN(nn.Module):
         with phase("flow.forward"):
             z, logdet = self.flow(sparse.reshape(b * n, 3), ctx, with_logdet=with_logdet)
         with phase("interpolate"):
-            z_nb = gather(z.reshape(b, n, 3), idx)  # (B, N, k, 3)
-            c_nb = gather(feat, idx)
-            w = torch.softmax(self.interp_logits(sparse, feat, idx, c_nb), -1)  # (B, N, r, k)
-            z_new = torch.einsum("bnrk,bnkc->bnrc", w, z_nb)  # (B, N, r, 3)
-            if self.offset is not None:
-                reach = (z_nb - z.reshape(b, n, 1, 3)).norm(dim=-1).amax(-1)  # (B, N): to the k-th neighbour
-                z_new = z_new + torch.tanh(self.offset(feat)).reshape(b, n, r_all, 3) * reach[..., None, None]
-            z_new = z_new.reshape(b * n * r_all, 3)
-            c_new = torch.einsum("bnrk,bnkc->bnrc", w, c_nb).reshape(b * n * r_all, -1)
+            x_nb = gather(sparse, idx)  # (B, N, k, 3)
+            spacing = (x_nb[:, :, 1] - sparse).norm(dim=-1).clamp(min=1e-8)  # (B, N): to the nearest other input
+            w = torch.softmax(self.interp_logits(sparse, feat, idx, x_nb), -1)  # (B, N, s, k)
+            z_new = torch.einsum("bnsk,bnkc->bnsc", w, gather(z.reshape(b, n, 3), idx)).reshape(b * n * s, 3)
+            if self.decode_context == "parent":
+                c_new = feat[:, :, None].expand(-1, -1, s, -1).reshape(b * n * s, -1)
+            else:
+                c_new = torch.einsum("bnsk,bnkc->bnsc", w, gather(feat, idx)).reshape(b * n * s, -1)
         with phase("flow.inverse"):
-            dense = self.flow_inverse(z_new, c_new).reshape(b, n * r_all, 3)
-        out = {"latent": z.reshape(b, n, 3), "features": feat, "logdet": None if logdet is None else logdet.reshape(b, n)}
+            cand = self.flow_inverse(z_new, c_new).reshape(b, n, s, 3)
+        mix = torch.einsum("bnsk,bnkc->bnsc", w, x_nb)
+        out = {"latent": z.reshape(b, n, 3), "features": feat, "logdet": None if logdet is None else logdet.reshape(b, n),
+               "flow_offset": ((cand - mix).detach().norm(dim=-1) / spacing[..., None])}
+        dense = cand.reshape(b, n * s, 3)
+        if self.refine is not None:
+            with phase("refine"):
+                scale = spacing[:, :, None].expand(-1, -1, s).reshape(b, n * s, 1)
+                dense = dense + self.refine(dense, sparse, feat, scale)
         if self.more_up:
             with phase("select"):  # PU-GAN's more_up: (r + more_up) N candidates, farthest-point sampled to r N
                 out["candidates"] = dense
@@ -155,38 +237,16 @@ class PUINN(nn.Module):
                 dense = dense.gather(1, keep[..., None].expand(-1, -1, 3))
         return {"dense": dense, **out}
 
-    def interp_logits(self, sparse: torch.Tensor, feat: torch.Tensor, idx: torch.Tensor, c_nb: torch.Tensor) -> torch.Tensor:
-        """(B, N, r, k) logits of the convex weights."""
+    def interp_logits(self, sparse: torch.Tensor, feat: torch.Tensor, idx: torch.Tensor, x_nb: torch.Tensor) -> torch.Tensor:
+        """(B, N, n_sets, k) logits of the convex weights."""
         b, n, k = idx.shape
         if self.interp_mode == "point":
             return self.interp(feat).reshape(b, n, self.n_sets, k)
         centre = feat[:, :, None].expand(-1, -1, k, -1)
-        offset = gather(sparse, idx) - sparse[:, :, None]
-        offset = offset / offset.norm(dim=-1, keepdim=True).amax(2, keepdim=True).clamp(min=1e-8)  # in k-th-neighbour units
-        logits = self.interp(torch.cat([centre, c_nb - centre, offset], -1))  # (B, N, k, r)
-        return (logits + self.interp_prior).transpose(2, 3)
-
-    def target_context(self, sparse: torch.Tensor, feat: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-        """(B M, C): each target point's context, the features of its 3 nearest sparse points (inverse-distance
-        weights)."""
-        b, m, _ = dense.shape
-        idx = knn(sparse, 3, queries=dense)
-        d = (gather(sparse, idx) - dense[:, :, None]).norm(dim=-1).clamp(min=1e-8)
-        wts = (1.0 / d) / (1.0 / d).sum(-1, keepdim=True)
-        return (gather(feat, idx) * wts[..., None]).sum(2).reshape(b * m, -1)
-
-    def nll(self, sparse: torch.Tensor, feat: torch.Tensor, dense: torch.Tensor, estimator: str | None = None,
-            with_parts: bool = False):
-        """Negative log-likelihood (nats per point, standard normal prior on the latent) of target points
-        (B, M, 3) under the flow, each conditioned on ``target_context``; ``with_parts``: also the per-point
-        log-dets (B M,) and the context."""
-        with phase("nll"):
-            ctx = self.target_context(sparse, feat, dense)
-            with phase("flow.forward"):  # the log-det inside it is its own phase
-                z, logdet = self.flow(dense.reshape(-1, 3), ctx, estimator=estimator)
-            log_prior = -0.5 * (z**2).sum(-1) - 1.5 * math.log(2 * math.pi)
-            nll = -(log_prior + logdet).mean()
-        return (nll, logdet, ctx) if with_parts else nll
+        offset = x_nb - sparse[:, :, None]
+        offset = offset / offset.norm(dim=-1, keepdim=True).amax(2, keepdim=True).clamp(min=1e-8)  # k-th-neighbour units
+        pair = torch.cat([centre, gather(feat, idx) - centre, offset, offset.norm(dim=-1, keepdim=True)], -1)
+        return (self.interp(pair) + self.interp_prior).transpose(2, 3)
 
     def refresh(self, n: int = 50) -> None:
         for block in self.blocks:
