@@ -30,5 +30,8 @@ def test_gpu_bench_tiny_runs_every_section(tmp_path, data_dir):
     for impl in ("eff_distloss", "ours, torch", "ours, triton"):
         assert re.search(rf"\| {re.escape(impl)}[^|]* \| [\d.]+ ms / ", text), impl
     assert re.search(r"\| NeRF \| 4 \| [\d.]+ \| 21 \| [\d.]+ \|", text) and re.search(r"\| NeuS \| 5 \| [\d.]+ \| 60 \|", text)
+    # PU-INN's row: trained for its time budget, then tested (steps taken, steps/s, CD and HD per test shape)
+    pu = re.search(r"PU-INN, generated patches [^\n]*\n\n\|[^\n]*\n\|[^\n]*\n(\|[^\n]*)", text)
+    assert pu and re.match(r"\| [1-9]\d* \| [\d.]+ \| [\d.]+ \| [\d.]+ \|", pu.group(1)), text
     for method in ("DVGO", "NeRF", "NeuS", "PU-INN", "Proto-Depth"):
         assert re.search(rf"\| {method} \| 6 \| -?[\d.]+ \| (True|False) \|", text), method

@@ -129,7 +129,10 @@ def _key(t: torch.Tensor) -> tuple:
 
 
 def live_tensors() -> list[torch.Tensor]:
-    """Every tensor object reachable from Python (parameters and gradients included), each once."""
+    """Every tensor object reachable from Python (parameters and gradients included), each once. Collects
+    garbage first: ``gc.get_objects()`` also returns unreachable cycles not yet collected (a finished run's
+    module and its tensors, say), and a collection between two censuses would otherwise hide the growth."""
+    gc.collect()
     out, seen = [], set()
     with warnings.catch_warnings():  # isinstance() on some library objects warns about deprecations
         warnings.simplefilter("ignore")

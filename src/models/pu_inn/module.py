@@ -213,9 +213,9 @@ class PUINNModule(PhaseHooks, L.LightningModule):
         """Scores val patches (``val/cd``, beside ``val/cd_input``: the sparse input alone against the same
         target); the NLL's log-det by the evaluation estimator, which needs gradients (the flow turns inference
         mode off locally). Logs ``val/logdet`` (the flow's log-det per input point, by the evaluation estimator,
-        whose name is in ``val/logdet_estimator``), ``val/flow_offset`` (the median distance of the decoded points
-        from the convex mix of their neighbours, in units of the parent's spacing to its nearest input: what the
-        flow itself moves the new points) and, every ``logdet_exact_every`` validations, the exact log-det at the
+        whose name is in ``val/logdet_estimator``), ``val/flow_offset`` (each batch's median distance of the decoded
+        points from the convex mix of their neighbours, in units of the parent's spacing to its nearest input,
+        averaged over the batches: what the flow itself moves the new points) and, every ``logdet_exact_every`` validations, the exact log-det at the
         same points (``val/logdet_exact``), the estimate's mean error (``val/logdet_bias``) and the spread of its
         per-point error (``val/logdet_error_std``)."""
         losses = self._losses(batch, with_logdet=True)
