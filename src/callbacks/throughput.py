@@ -1,4 +1,5 @@
-"""Throughput: iterations/s and rays/s (progress bar and logs), per training stage, as seed 004 tracks them.
+"""Throughput: iterations/s and rays/s (progress bar and logs), per training stage, as NeRF and NeuS training
+logs report them.
 
 Rays per step come from the module's ``rays_per_step`` (e.g. DVGO's ``n_rand``); stages from its
 ``stage_name`` when it has one. Test-time render seconds per image are logged by the render mixin

@@ -118,6 +118,13 @@ def draw_input(patch_points: int, input_points: int, mode: str, generator: torch
 NORMALIZE = ("input", "target")
 
 
+def check_normalize(normalize: str) -> str:
+    """``data.normalize`` if it names a frame of :data:`NORMALIZE`, else a ValueError naming the key."""
+    if normalize not in NORMALIZE:
+        raise ValueError(f"data.normalize must be one of {', '.join(NORMALIZE)}, got {normalize!r}")
+    return normalize
+
+
 class PatchDraws(Dataset):
     """Items ``j = 0, 1, 2, ...`` over patches (N, patch_points, 3): item j is patch ``perm_e[j mod N]`` (a fresh
     permutation each pass ``e = j // N``) with an input drawn for that item alone, both from ``(seed, j)``.
@@ -128,10 +135,9 @@ class PatchDraws(Dataset):
 
     def __init__(self, patches: torch.Tensor, input_points: int, mode: str, seed: int, augment: bool,
                  passes: int = 1, shuffle: bool = True, normalize: str = "input") -> None:
-        if normalize not in NORMALIZE:
-            raise ValueError(f"data.normalize must be one of {', '.join(NORMALIZE)}, got {normalize!r}")
         self.patches, self.input_points, self.mode, self.seed = patches, int(input_points), mode, int(seed)
-        self.augment, self.passes, self.shuffle, self.normalize = augment, int(passes), shuffle, normalize
+        self.augment, self.passes, self.shuffle = augment, int(passes), shuffle
+        self.normalize = check_normalize(normalize)
         self._perm: tuple[int, torch.Tensor] | None = None
         draw_input(patches.shape[1], min(4, patches.shape[1]), mode, torch.Generator().manual_seed(0), patches[0])
 
@@ -198,10 +204,8 @@ class MeshPatchesDataModule(L.LightningDataModule):
         self.test_root = Path(test_root) if test_root else None
         self.sizes = dict(points_per_mesh=int(points_per_mesh), patches_per_mesh=int(patches_per_mesh),
                           patch_points=int(patch_points))
-        if normalize not in NORMALIZE:
-            raise ValueError(f"data.normalize must be one of {', '.join(NORMALIZE)}, got {normalize!r}")
         self.input_points, self.input_sampling, self.augment = int(input_points), input_sampling, augment
-        self.normalize = normalize
+        self.normalize = check_normalize(normalize)
         self.val_meshes, self.batch_size, self.num_workers, self.seed = int(val_meshes), int(batch_size), num_workers, int(seed)
         self.cache_dir = Path(cache_dir) if cache_dir else self.root / ".patch_cache"
         self.train_set = self.val_set = None

@@ -214,13 +214,12 @@ class PUGANDataModule(L.LightningDataModule):
                  test_root: str | None = None, input_sampling: str = "random", input_points: int = 256,
                  normalize: str = "input") -> None:
         super().__init__()
-        from src.data.mesh_patches import NORMALIZE, draw_input
+        from src.data.mesh_patches import check_normalize, draw_input
 
         if input_sampling != "file":
             draw_input(8, 4, input_sampling, torch.Generator().manual_seed(0), torch.zeros(8, 3))  # names a bad mode
-        if normalize not in NORMALIZE:
-            raise ValueError(f"data.normalize must be one of {', '.join(NORMALIZE)}, got {normalize!r}")
-        self.input_sampling, self.input_points, self.normalize = input_sampling, int(input_points), normalize
+        self.input_sampling, self.input_points = input_sampling, int(input_points)
+        self.normalize = check_normalize(normalize)
         self.root, self.train_file, self.batch_size = Path(root), train_file, int(batch_size)
         self.test_root = Path(test_root) if test_root else self.root / "test"
         self.val_fraction, self.augment, self.generate = val_fraction, augment, generate

@@ -143,8 +143,9 @@ def distortion_loss(
 ) -> torch.Tensor:
     """mip-NeRF 360's distortion loss over flattened samples, in O(N), averaged over rays.
 
-    ``L_r = sum_ij w_i w_j |s_i - s_j| + 1/3 sum_i interval_i w_i^2`` (seed 003's ``original_distloss``), with
-    the pairwise term computed as ``2 sum_i w_i (s_i A_i - B_i)``, ``A_i = sum_{j<i} w_j``, ``B_i = sum_{j<i} w_j s_j``
+    ``L_r = sum_ij w_i w_j |s_i - s_j| + 1/3 sum_i interval_i w_i^2`` (``original_distloss`` of
+    ``torch_efficient_distloss``), with the pairwise term computed as ``2 sum_i w_i (s_i A_i - B_i)``,
+    ``A_i = sum_{j<i} w_j``, ``B_i = sum_{j<i} w_j s_j``
     within the ray: ``s`` must increase along each ray (samples front to back). ``interval``: a scalar or a
     tensor (one value, or one per sample). Returns ``mean_r L_r`` over all ``n_rays`` (rays without samples
     count as 0). Forward and backward are written out (:class:`_DistortionLoss`).
@@ -219,7 +220,8 @@ class _DistortionLoss(torch.autograd.Function):
 
 
 def distortion_loss_quadratic(w: torch.Tensor, m: torch.Tensor, interval: float | torch.Tensor) -> torch.Tensor:
-    """The O(N^2) definition on padded (B, N) tensors (seed 003's ``original_distloss``): the specification."""
+    """The O(N^2) definition on padded (B, N) tensors (Mip-NeRF 360's distortion loss; ``original_distloss`` of
+    ``torch_efficient_distloss``): the specification."""
     loss_uni = (1 / 3) * (interval * w.pow(2)).sum(-1).mean()
     ww = w.unsqueeze(-1) * w.unsqueeze(-2)
     mm = (m.unsqueeze(-1) - m.unsqueeze(-2)).abs()

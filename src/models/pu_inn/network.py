@@ -222,9 +222,11 @@ class PUINN(nn.Module):
                 c_new = torch.einsum("bnsk,bnkc->bnsc", w, gather(feat, idx)).reshape(b * n * s, -1)
         with phase("flow.inverse"):
             cand = self.flow_inverse(z_new, c_new).reshape(b, n, s, 3)
-        mix = torch.einsum("bnsk,bnkc->bnsc", w, x_nb)
+        with torch.no_grad():  # a diagnostic (val/flow_offset): no graph on the training path
+            mix = torch.einsum("bnsk,bnkc->bnsc", w, x_nb)
+            flow_offset = (cand - mix).norm(dim=-1) / spacing[..., None]
         out = {"latent": z.reshape(b, n, 3), "features": feat, "logdet": None if logdet is None else logdet.reshape(b, n),
-               "flow_offset": ((cand - mix).detach().norm(dim=-1) / spacing[..., None])}
+               "flow_offset": flow_offset}
         dense = cand.reshape(b, n * s, 3)
         if self.refine is not None:
             with phase("refine"):
