@@ -66,6 +66,9 @@ ABLATIONS = [
      "= 1.6 per point here), no uniform term", ["model.w_emd=100", "model.w_nll=1.6", "model.w_uniform=0"]),
     ("no more_up", "4 candidates a point (net.more_up=0) instead of 16 farthest-point sampled to 4",
      ["model.net.more_up=0"]),
+    ("no surface term", "no point-to-plane term on the candidates (model.w_surface=0): CD and the uniform term alone "
+     "place them", ["model.w_surface=0"]),
+    ("stronger surface term", "the point-to-plane term at 1000 instead of 300", ["model.w_surface=1000"]),
 ]
 # test protocols the trained preset is scored under (``upsample_shape`` options over the preset's; no training)
 PROTOCOLS = [

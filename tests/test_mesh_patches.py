@@ -63,6 +63,31 @@ def test_a_bad_mesh_file_is_named(tmp_path):
         dm.setup("fit")
 
 
+def test_patch_normals_are_the_meshes_and_turn_with_the_augmentation(mesh_folder, tmp_path):
+    """Each target point carries its triangle's unit normal: on the cube an axis, on the sphere the radius
+    (sign by winding); after PU-GAN's random rotation it is still normal to the (rotated) patch: it agrees with
+    the normal of a plane fitted to the point's neighbours (|cos| near 1)."""
+    from src.models.pu_inn.losses import pca_normals
+
+    dm = MeshPatchesDataModule(str(mesh_folder), cache_dir=str(tmp_path / "cache"), **SMALL)
+    dm.setup("fit")
+    normals = dm.train_set.normals
+    assert normals.shape == dm.train_set.patches.shape
+    assert torch.allclose(normals.norm(dim=-1), torch.ones(()), atol=1e-5)
+    box = normals[:4].reshape(-1, 3).abs()  # the box's patches (the first mesh by name)
+    assert torch.allclose(box.amax(-1), torch.ones(()), atol=1e-5)  # one axis each
+    sphere = dm.val_set  # the third mesh, by name, validates
+    verts, _ = read_mesh(mesh_folder / "c_sphere.ply")
+    assert np.abs(verts).max() <= 1 + 1e-6  # the icosphere is already in its unit sphere: patches keep directions
+    item = PatchDraws(dm.train_set.patches, 32, "random", 0, augment=True, normals=normals)[5]
+    cos = (pca_normals(item["dense"][None])[0] * item["normals"]).sum(-1).abs()
+    assert float(cos.median()) > 0.99, cos
+    cos_sphere = (pca_normals(sphere[0]["dense"][None])[0] * sphere[0]["normals"]).sum(-1).abs()
+    assert float(cos_sphere.median()) > 0.99, cos_sphere
+    with pytest.raises(ValueError, match="normals"):
+        PatchDraws(dm.train_set.patches, 32, "random", 0, augment=False, normals=normals[:, :5])
+
+
 def test_patches_sizes_normalisation_and_fresh_inputs(mesh_folder, tmp_path):
     dm = MeshPatchesDataModule(str(mesh_folder), cache_dir=str(tmp_path / "cache"), **SMALL)
     dm.setup("fit")
@@ -91,21 +116,23 @@ def test_patches_sizes_normalisation_and_fresh_inputs(mesh_folder, tmp_path):
     loader = dm.train_dataloader()
     batch = next(iter(loader))
     assert batch["sparse"].shape == (2, 32, 3) and batch["dense"].shape == (2, 128, 3)
+    assert batch["normals"].shape == (2, 128, 3)
 
 
 def test_patches_are_cached_with_a_key_and_deterministic(mesh_folder, tmp_path, monkeypatch):
-    cache = tmp_path / "cache"
-    first = MeshPatchesDataModule(str(mesh_folder), cache_dir=str(cache), **SMALL).patches()[0]
-    (file,) = cache.glob("patches_v1_*.pt")
     import src.data.mesh_patches as mp
 
+    cache = tmp_path / "cache"
+    first, _, first_normals = MeshPatchesDataModule(str(mesh_folder), cache_dir=str(cache), **SMALL).patches()
+    (file,) = cache.glob(f"patches_v{mp.CACHE_VERSION}_*.pt")
     monkeypatch.setattr(mp, "mesh_patches", lambda *a, **k: (_ for _ in ()).throw(AssertionError("not cached")))
-    assert torch.equal(MeshPatchesDataModule(str(mesh_folder), cache_dir=str(cache), **SMALL).patches()[0], first)
+    cached, _, cached_normals = MeshPatchesDataModule(str(mesh_folder), cache_dir=str(cache), **SMALL).patches()
+    assert torch.equal(cached, first) and torch.equal(cached_normals, first_normals)
     monkeypatch.undo()
     fresh = MeshPatchesDataModule(str(mesh_folder), cache_dir=str(tmp_path / "other"), **SMALL).patches()[0]
     assert torch.equal(fresh, first)  # the same seed makes the same patches
     other_seed = MeshPatchesDataModule(str(mesh_folder), cache_dir=str(cache), seed=1, **SMALL).patches()[0]
-    assert not torch.equal(other_seed, first) and len(list(cache.glob("patches_v1_*.pt"))) == 2  # a new key
+    assert not torch.equal(other_seed, first) and len(list(cache.glob(f"patches_v{mp.CACHE_VERSION}_*.pt"))) == 2  # a new key
 
 
 def test_nonuniform_inputs_are_as_uneven_as_pu_gans_test_inputs():
@@ -114,7 +141,7 @@ def test_nonuniform_inputs_are_as_uneven_as_pu_gans_test_inputs():
     from src.data.mesh_patches import mesh_patches
 
     verts, faces = torus()
-    patches = mesh_patches(verts, faces, 4096, 4, 1024, seed=0)
+    patches, _ = mesh_patches(verts, faces, 4096, 4, 1024, seed=0)
     cv = {m: np.mean([nn_spacing_cv(PatchDraws(patches, 256, m, 0, False)[j]["sparse"]) for j in range(8)])
           for m in ("nonuniform", "random", "fps")}
     assert cv["fps"] < 0.2 and 0.25 < cv["nonuniform"] < 0.5 and 0.25 < cv["random"] < 0.5, cv

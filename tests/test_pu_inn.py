@@ -393,6 +393,26 @@ def test_repulsion_loss_pushes_close_points_apart():
         assert moved_apart is pushes and (pushes or float(x.grad.abs().max()) == 0), (gap, x.grad)
 
 
+def test_surface_loss_is_the_distance_off_the_tangent_plane():
+    """The surface term: a point slid along a plane costs nothing, a point lifted off it by h costs h^2 and its
+    gradient points back along the normal only (what Chamfer's point-to-point half does not give: it also pulls
+    along the surface towards one sample); with no normals given, the plane fitted to the target's neighbours
+    gives the same on a plane."""
+    from src.models.pu_inn.losses import surface_loss
+
+    g = torch.Generator().manual_seed(0)
+    target = torch.cat([torch.rand(1, 400, 2, generator=g) * 2 - 1, torch.zeros(1, 400, 1)], -1)  # the z = 0 plane
+    normals = torch.tensor([0.0, 0, 1]).expand(1, 400, 3)
+    slid = torch.cat([torch.rand(1, 50, 2, generator=g) * 1.6 - 0.8, torch.zeros(1, 50, 1)], -1)
+    assert float(surface_loss(slid, target, normals)) == 0.0
+    lifted = (slid + torch.tensor([0.0, 0, 0.03])).requires_grad_(True)
+    loss = surface_loss(lifted, target, normals)
+    assert float(loss) == pytest.approx(0.03**2, rel=1e-4)
+    loss.backward()
+    assert float(lifted.grad[..., :2].abs().max()) == 0.0 and bool((lifted.grad[..., 2] > 0).all())
+    assert float(surface_loss(lifted.detach(), target)) == pytest.approx(0.03**2, rel=1e-3)  # fitted planes
+
+
 class _CollapsingUpsampler(torch.nn.Module):
     """A stand-in network: every output point of a patch at its centroid, plus one point far outside."""
     up_ratio = 4

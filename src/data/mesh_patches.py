@@ -4,7 +4,8 @@ Per mesh (OBJ / OFF / PLY read by trimesh, polygons triangulated on load): ``poi
 samples (area-uniform samples thinned by farthest-point sampling: close to the Poisson-disk sample PU-GAN
 takes with its mesh tools), in the mesh's unit-sphere frame; ``patches_per_mesh`` seeds spread by
 farthest-point sampling; each patch the ``patch_points`` samples nearest to its seed, ordered by distance to it
-and normalised to the unit sphere (centroid, furthest distance): the dense target. With the defaults (8192
+and normalised to the unit sphere (centroid, furthest distance): the dense target, with the mesh's unit normal at
+each of its points (the triangle it was sampled on; the loss's point-to-plane term). With the defaults (8192
 points a mesh, 1024-point patches) a patch is an eighth of the surface, as a 256-point test patch of a
 2048-point PU-GAN input.
 
@@ -36,7 +37,7 @@ from src.geometry.pu_metrics import farthest_point_sample, normalize_unit_sphere
 log = logging.getLogger(__name__)
 
 MESH_SUFFIXES = (".obj", ".off", ".ply")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: with the mesh normals
 FALLBACK_CACHE = Path.home() / ".cache" / "neural3d" / "patch_cache"  # when the data folder is read-only
 
 
@@ -64,26 +65,30 @@ def read_mesh(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     return verts, faces
 
 
-def even_points(verts: np.ndarray, faces: np.ndarray, n: int, seed: int, oversample: int = 4) -> torch.Tensor:
+def even_points(verts: np.ndarray, faces: np.ndarray, n: int, seed: int, oversample: int = 4,
+                return_normals: bool = False):
     """``n`` even samples of a mesh: ``oversample * n`` area-uniform samples thinned by farthest-point sampling
-    (started at a seeded random sample), (n, 3) float32."""
+    (started at a seeded random sample), (n, 3) float32; with ``return_normals`` also each point's triangle's unit
+    normal (n, 3)."""
     from src.geometry.mesh import sample_surface
 
-    dense = sample_surface(verts, faces, oversample * n, seed=seed).float()
+    dense, normals = sample_surface(verts, faces, oversample * n, seed=seed, return_normals=True)
     start = int(torch.randint(oversample * n, (1,), generator=torch.Generator().manual_seed(seed)))
-    return dense[farthest_point_sample(dense, n, start=start)]
+    keep = farthest_point_sample(dense.float(), n, start=start)
+    return (dense.float()[keep], normals.float()[keep]) if return_normals else dense.float()[keep]
 
 
 def mesh_patches(verts: np.ndarray, faces: np.ndarray, points_per_mesh: int, patches_per_mesh: int,
-                 patch_points: int, seed: int) -> torch.Tensor:
+                 patch_points: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(patches_per_mesh, patch_points, 3) float32 patches of one mesh, each ordered by distance to its seed and
-    normalised to the unit sphere (see the module docstring)."""
+    normalised to the unit sphere (see the module docstring), and the mesh's unit normal at each point (the
+    surface term of the loss measures distances along them)."""
     centre = (verts.max(0) + verts.min(0)) / 2
     verts = (verts - centre) / np.linalg.norm(verts - centre, axis=1).max()  # the mesh's own unit sphere
-    cloud = even_points(verts, faces, points_per_mesh, seed)
+    cloud, normals = even_points(verts, faces, points_per_mesh, seed, return_normals=True)
     seeds = farthest_point_sample(cloud, patches_per_mesh, start=seed % points_per_mesh)
     near = torch.cdist(cloud[seeds], cloud).topk(patch_points, largest=False).indices  # sorted: nearest first
-    return torch.stack([normalize_unit_sphere(cloud[idx])[0] for idx in near])
+    return torch.stack([normalize_unit_sphere(cloud[idx])[0] for idx in near]), normals[near]
 
 
 def draw_input(patch_points: int, input_points: int, mode: str, generator: torch.Generator,
@@ -131,11 +136,16 @@ class PatchDraws(Dataset):
     ``passes``: how many passes the dataset spans (its length is ``passes * N``). ``normalize``: the frame of
     the pair, ``input`` (the sparse input's centroid and furthest distance, after augmentation: the frame a test
     patch is upsampled in, where only the input is known) or ``target`` (the dense patch's unit sphere, as PU-GAN's
-    loader; a non-uniform input then spans less than the unit sphere)."""
+    loader; a non-uniform input then spans less than the unit sphere). ``normals``: the patches' unit normals
+    (their shape), rotated with the augmentation and handed on as each item's ``normals``."""
 
     def __init__(self, patches: torch.Tensor, input_points: int, mode: str, seed: int, augment: bool,
-                 passes: int = 1, shuffle: bool = True, normalize: str = "input") -> None:
+                 passes: int = 1, shuffle: bool = True, normalize: str = "input",
+                 normals: torch.Tensor | None = None) -> None:
         self.patches, self.input_points, self.mode, self.seed = patches, int(input_points), mode, int(seed)
+        if normals is not None and normals.shape != patches.shape:
+            raise ValueError(f"normals {tuple(normals.shape)} must match the patches {tuple(patches.shape)}")
+        self.normals = normals
         self.augment, self.passes, self.shuffle = augment, int(passes), shuffle
         self.normalize = check_normalize(normalize)
         self._perm: tuple[int, torch.Tensor] | None = None
@@ -157,13 +167,16 @@ class PatchDraws(Dataset):
         i = self.patch_of(j)
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + j)
         dense = self.patches[i]
+        normals = None if self.normals is None else self.normals[i]
         sparse = dense[draw_input(dense.shape[0], self.input_points, self.mode, g, dense)]
         if self.augment:
-            sparse, dense = augment(sparse, dense, g)
+            sparse, dense, *rest = augment(sparse, dense, g, normals)
+            normals = rest[0] if rest else None
         if self.normalize == "input":
             sparse, centre, scale = normalize_unit_sphere(sparse)
             dense = (dense - centre) / scale
-        return {"sparse": sparse, "dense": dense, "index": i}
+        item = {"sparse": sparse, "dense": dense, "index": i}
+        return item if normals is None else {**item, "normals": normals}
 
 
 def nn_spacing_cv(points: torch.Tensor) -> float:
@@ -223,8 +236,9 @@ class MeshPatchesDataModule(L.LightningDataModule):
         if not self.root.is_dir() and (self.test_root is None or not self.test_root.is_dir()):
             raise missing_root(self.root, "folder of training meshes (OBJ / OFF / PLY)")
 
-    def patches(self) -> tuple[torch.Tensor, list[str]]:
-        """(n_meshes, patches_per_mesh, patch_points, 3) patches of every mesh and the mesh names, from the cache
+    def patches(self) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+        """(n_meshes, patches_per_mesh, patch_points, 3) patches of every mesh, the mesh names and the patches'
+        unit normals (the patches' shape), from the cache
         when it holds this setting (its key: the sizes, the seed, each file's name, size and mtime, the format
         version), else made and cached."""
         files = self.mesh_files()
@@ -237,14 +251,16 @@ class MeshPatchesDataModule(L.LightningDataModule):
             if cached.is_file():
                 saved = torch.load(cached, weights_only=True)
                 if saved.get("key") == key_text:
-                    return saved["patches"], saved["names"]
-        out = []
+                    return saved["patches"], saved["names"], saved["normals"]
+        out, out_normals = [], []
         for k, f in enumerate(files):
             verts, faces = read_mesh(f)
-            out.append(mesh_patches(verts, faces, **self.sizes, seed=self.seed * 1_000 + k))
-            log.info("patches of %s: %d x %d points (%d of %d meshes)", f.name, *out[-1].shape[:2], k + 1, len(files))
-        patches, names = torch.stack(out), [f.stem for f in files]
-        record = {"key": key_text, "patches": patches, "names": names}
+            pts, normals = mesh_patches(verts, faces, **self.sizes, seed=self.seed * 1_000 + k)
+            out.append(pts)
+            out_normals.append(normals)
+            log.info("patches of %s: %d x %d points (%d of %d meshes)", f.name, *pts.shape[:2], k + 1, len(files))
+        patches, names, normals = torch.stack(out), [f.stem for f in files], torch.stack(out_normals)
+        record = {"key": key_text, "patches": patches, "names": names, "normals": normals}
         for folder in (self.cache_dir, FALLBACK_CACHE):  # a read-only data folder: the user's cache instead
             try:
                 folder.mkdir(parents=True, exist_ok=True)
@@ -257,24 +273,26 @@ class MeshPatchesDataModule(L.LightningDataModule):
             log.info("cached %d patches of %d meshes in %s", patches.shape[0] * patches.shape[1], len(files),
                      folder / path.name)
             break
-        return patches, names
+        return patches, names, normals
 
     def setup(self, stage: str | None = None) -> None:
         self.prepare_data()
         if stage in (None, "fit", "validate") and self.train_set is None:
             if not self.root.is_dir():
                 raise missing_root(self.root, "folder of training meshes (OBJ / OFF / PLY)")
-            patches, names = self.patches()
+            patches, names, normals = self.patches()
             n_val = min(self.val_meshes, len(names) - 1)
-            train, val = patches[: len(names) - n_val], patches[len(names) - n_val:]
+            split = len(names) - n_val if n_val > 0 else len(names) - 1  # no mesh to spare: the last validates too
             if n_val > 0:
-                log.info("validation meshes: %s", ", ".join(names[len(names) - n_val:]))
-            else:
-                val = patches[-1:]
+                log.info("validation meshes: %s", ", ".join(names[split:]))
+            train, val = patches[: len(names) - n_val], patches[split:]
+            train_n, val_n = normals[: len(names) - n_val], normals[split:]
             self.train_set = PatchDraws(train.flatten(0, 1), self.input_points, self.input_sampling, self.seed,
-                                        self.augment, passes=10**6, normalize=self.normalize)
+                                        self.augment, passes=10**6, normalize=self.normalize,
+                                        normals=train_n.flatten(0, 1))
             self.val_set = PatchDraws(val.flatten(0, 1), self.input_points, self.input_sampling, self.seed + 1,
-                                      False, passes=1, shuffle=False, normalize=self.normalize)
+                                      False, passes=1, shuffle=False, normalize=self.normalize,
+                                      normals=val_n.flatten(0, 1))
         if stage in (None, "test") and self.test_shapes is None:
             if self.test_root is None:
                 raise DataError("data.test_root is not set: point it at a folder of PU-GAN test pairs "

@@ -128,13 +128,15 @@ def write_pu_dataset(root: str | Path, n_meshes: int = 8, patches_per_mesh: int 
 
 
 # ---------------------------------------------------------------------------------------------- loading
-def augment(sparse: torch.Tensor, dense: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """PU-GAN's augmentation: a random rotation, scaling in [0.8, 1.2], input jitter (sigma 0.005, clip 0.015)."""
+def augment(sparse: torch.Tensor, dense: torch.Tensor, g: torch.Generator, normals: torch.Tensor | None = None):
+    """PU-GAN's augmentation: a random rotation, scaling in [0.8, 1.2], input jitter (sigma 0.005, clip 0.015).
+    -> (sparse, dense), and with ``normals`` (the dense points' unit normals) those rotated with them third."""
     q, r = torch.linalg.qr(torch.randn(3, 3, generator=g))
     rot = q * torch.sign(torch.diagonal(r))
     s = float(torch.empty(1).uniform_(0.8, 1.2, generator=g))
     sparse, dense = sparse @ rot.T * s, dense @ rot.T * s
-    return sparse + (torch.randn(sparse.shape, generator=g) * 0.005).clamp(-0.015, 0.015), dense
+    sparse = sparse + (torch.randn(sparse.shape, generator=g) * 0.005).clamp(-0.015, 0.015)
+    return (sparse, dense) if normals is None else (sparse, dense, normals @ rot.T)
 
 
 class PUPatches(Dataset):

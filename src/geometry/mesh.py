@@ -85,9 +85,11 @@ def mesh_area(verts: np.ndarray, faces: np.ndarray) -> float:
     return float(0.5 * np.linalg.norm(np.cross(v[:, 1] - v[:, 0], v[:, 2] - v[:, 0]), axis=-1).sum())
 
 
-def sample_points(verts: torch.Tensor, faces: torch.Tensor, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_points(verts: torch.Tensor, faces: torch.Tensor, n: int, generator: torch.Generator | None = None,
+                  return_faces: bool = False):
     """n points on each mesh (..., V, 3) sharing ``faces`` (F, 3): triangles drawn by area, uniform
-    barycentric coordinates; differentiable with respect to the vertices. -> (..., n, 3)"""
+    barycentric coordinates; differentiable with respect to the vertices. -> (..., n, 3), and with
+    ``return_faces`` the index (..., n) of the triangle each point lies on."""
     lead = verts.shape[:-2]
     tri = verts.reshape(-1, verts.shape[-2], 3)[:, faces]  # (M, F, 3, 3)
     area = torch.linalg.cross(tri[:, :, 1] - tri[:, :, 0], tri[:, :, 2] - tri[:, :, 0]).norm(dim=-1)
@@ -96,14 +98,20 @@ def sample_points(verts: torch.Tensor, faces: torch.Tensor, n: int, generator: t
     r2 = torch.rand(face.shape + (1,), generator=generator, dtype=verts.dtype, device=verts.device)
     chosen = torch.gather(tri, 1, face[..., None, None].expand(-1, -1, 3, 3))  # (M, n, 3, 3)
     pts = (1 - r1) * chosen[:, :, 0] + r1 * (1 - r2) * chosen[:, :, 1] + r1 * r2 * chosen[:, :, 2]
-    return pts.reshape(lead + (n, 3))
+    return (pts.reshape(lead + (n, 3)), face.reshape(lead + (n,))) if return_faces else pts.reshape(lead + (n, 3))
 
 
-def sample_surface(verts: np.ndarray, faces: np.ndarray, n: int, seed: int = 0) -> torch.Tensor:
+def sample_surface(verts: np.ndarray, faces: np.ndarray, n: int, seed: int = 0, return_normals: bool = False):
     """``n`` points uniformly distributed over one mesh (:func:`sample_points` in float64 with a seeded
-    generator), (n, 3) float64."""
-    return sample_points(torch.as_tensor(verts, dtype=torch.float64), torch.as_tensor(faces), n,
-                         torch.Generator().manual_seed(seed))
+    generator), (n, 3) float64; with ``return_normals`` also the unit normal (n, 3) of the triangle each lies on
+    (by the faces' winding; zero on a degenerate triangle). The points are the same either way."""
+    v, f = torch.as_tensor(verts, dtype=torch.float64), torch.as_tensor(faces)
+    pts, face = sample_points(v, f, n, torch.Generator().manual_seed(seed), return_faces=True)
+    if not return_normals:
+        return pts
+    tri = v[f[face]]  # (n, 3, 3)
+    normal = torch.linalg.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+    return pts, normal / normal.norm(dim=-1, keepdim=True).clamp(min=1e-30)
 
 
 def icosphere(subdivisions: int = 2) -> tuple[np.ndarray, np.ndarray]:

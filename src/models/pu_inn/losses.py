@@ -13,6 +13,12 @@ the unit sphere (the training patches' frame).
 - :func:`repulsion_loss`: PU-Net's repulsion (Yu et al., CVPR 2018, Sec. 3.3): for each point its 4 nearest
   others within 0.07, ``-mean(d * exp(-d^2 / h^2))`` with h = 0.03, which pushes points that are closer
   than about h apart.
+- :func:`surface_loss`: how far points lie off the target's surface: the squared distance from each point to the
+  tangent plane at its nearest target point (point-to-plane, as ICP's), along the mesh's normal where the data
+  carries one, else the normal of a plane fitted to that target point's nearest neighbours. Chamfer's
+  point-to-point half pulls a point towards one sample of the surface, along it as much as onto it; the plane
+  distance is zero anywhere on the surface, so it asks only for the step onto it (the point-to-surface
+  distance Grad-PU, He et al., CVPR 2023, learns to descend).
 """
 from __future__ import annotations
 
@@ -53,3 +59,26 @@ def repulsion_loss(points: torch.Tensor, k: int = 4, radius: float = 0.07, h: fl
     near_d2 = torch.where(near_d2 <= radius**2, near_d2, torch.full_like(near_d2, radius**2))  # ball query
     dist = near_d2.sqrt()
     return (radius - dist * torch.exp(-near_d2 / h**2)).mean()
+
+
+def pca_normals(points: torch.Tensor, k: int = 8) -> torch.Tensor:
+    """Unit normals (B, N, 3) of clouds (B, N, 3): the least-variance direction of each point's ``k`` nearest
+    (itself included); the sign is arbitrary (a plane distance does not need it)."""
+    b, n, _ = points.shape
+    idx = knn_points(points, points, min(k, n))[1]
+    nb = points.gather(1, idx.reshape(b, -1, 1).expand(-1, -1, 3)).reshape(b, n, -1, 3)
+    nb = nb - nb.mean(2, keepdim=True)
+    return torch.linalg.eigh(nb.transpose(2, 3) @ nb)[1][..., 0]  # eigenvalues ascending: the smallest's vector
+
+
+def surface_loss(points: torch.Tensor, target: torch.Tensor, normals: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared point-to-plane distance (module docstring) of points (B, M, 3) to the surface sampled by
+    target (B, N, 3) with unit normals (B, N, 3) (None: :func:`pca_normals` of the target): a scalar. The planes
+    carry no gradient."""
+    with torch.no_grad():
+        nearest = knn_points(points, target, 1)[1][..., 0]  # (B, M)
+        if normals is None:
+            normals = pca_normals(target)
+        at = nearest[..., None].expand(-1, -1, 3)
+        base, normal = target.gather(1, at), normals.gather(1, at)
+    return ((points - base) * normal).sum(-1).square().mean()

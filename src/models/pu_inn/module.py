@@ -18,7 +18,7 @@ from src.geometry.knn import chamfer, knn_points
 from src.geometry.pu_metrics import (cd_hd, emd_exact, even_surface_sample, farthest_point_sample,
                                      normalize_unit_sphere, point_triangle_distance)
 from src.models.base import finish_test
-from src.models.pu_inn.losses import repulsion_loss, uniform_loss
+from src.models.pu_inn.losses import repulsion_loss, surface_loss, uniform_loss
 from src.models.pu_inn.network import PUINN
 from src.phases import PhaseHooks, phase
 
@@ -121,7 +121,7 @@ def upsample_layouts(model: PUINN, shape: dict, layouts: int, gt: torch.Tensor, 
 
 class PUINNModule(PhaseHooks, L.LightningModule):
     """Args (``conf/model/pu_inn.yaml``): net: ``PUINN`` options. lr, weight_decay, lr_decay_every,
-    lr_decay: Adam with step decay. w_cd, w_uniform, w_emd, w_repulsion, w_nll: loss weights (sources in the
+    lr_decay: Adam with step decay. w_cd, w_uniform, w_emd, w_repulsion, w_nll, w_surface: loss weights (sources in the
     config). iters: training steps. logdet_exact_every: every how many validations the exact log-det is
     computed beside the estimate (0: never). patch_size, patch_ratio, merge_input, outlier_std, n_outliers: the
     test protocol (``upsample_shape``; PU-GAN's by default); test_layouts: patch layouts each test shape is
@@ -134,7 +134,8 @@ class PUINNModule(PhaseHooks, L.LightningModule):
 
     def __init__(self, net: dict | None = None, lr: float = 1e-3, weight_decay: float = 0.0,
                  lr_decay_every: int = 20000, lr_decay: float = 0.5, w_cd: float = 100.0, w_uniform: float = 10.0,
-                 w_emd: float = 0.0, w_repulsion: float = 0.0, w_nll: float = 0.01, iters: int = 100000,
+                 w_emd: float = 0.0, w_repulsion: float = 0.0, w_nll: float = 0.01, w_surface: float = 0.0,
+                 iters: int = 100000,
                  logdet_exact_every: int = 1, patch_size: int = 256, patch_ratio: float = 3.0,
                  merge_input: bool = False, outlier_std: float | None = None, n_outliers: int = 0,
                  test_layouts: int = 1, gt_points: int | None = None, gt_oversample: int = 8) -> None:
@@ -178,10 +179,14 @@ class PUINNModule(PhaseHooks, L.LightningModule):
                 losses["repulsion"] = repulsion_loss(out["dense"])
             if hp.w_emd > 0:
                 losses["emd"] = emd_exact(out["dense"], batch["dense"]).mean()
+            if hp.w_surface > 0:  # every candidate, kept by the farthest-point selection or not
+                losses["surface"] = surface_loss(out.get("candidates", out["dense"]), batch["dense"],
+                                                 batch.get("normals"))
             if out["logdet"] is not None:
                 with phase("nll"):
                     losses["nll"] = nll(out["latent"], out["logdet"])
-        weights = {"cd": hp.w_cd, "uniform": hp.w_uniform, "repulsion": hp.w_repulsion, "emd": hp.w_emd, "nll": hp.w_nll}
+        weights = {"cd": hp.w_cd, "uniform": hp.w_uniform, "repulsion": hp.w_repulsion, "emd": hp.w_emd, "nll": hp.w_nll,
+                   "surface": hp.w_surface}
         losses["loss"] = sum(weights[k] * v for k, v in losses.items() if k in weights and weights[k] > 0)
         losses["_out"] = out
         return losses
