@@ -1,6 +1,6 @@
 """The GPU figures in one command: kernel parity on CUDA tensors at real sizes, per-op torch vs Triton
-timings, DVGO on lego torch vs Triton (seed 000's table), seed 003's distortion table, NeRF and NeuS
-training it/s and render s/image (seed 004's form), memory growth per method, and PU-INN's CPU preset trained for a
+timings, DVGO on lego torch vs Triton (PSNR and mm:ss), the O(N) distortion loss's table, NeRF and NeuS
+training it/s and render s/image (beside the reference GPU figures), memory growth per method, and PU-INN's CPU preset trained for a
 fixed time on the GPU (steps/s, CD on the PU-GAN test pairs).
 
 Usage:
@@ -40,7 +40,7 @@ from src.kernels import parity  # noqa: E402
 
 DEV = "cuda" if CUDA else "cpu"
 SECTIONS = ("parity", "ops", "dvgo", "dist", "render", "memory", "pu_inn")
-# (it/s, s/img) quoted by seed 004 on its GPU
+# (it/s, s/img) quoted for the upstream implementations on a GPU
 SEED_004 = {"NeRF": (4.0, 21.0), "NeuS": (5.0, 60.0)}
 
 
@@ -175,7 +175,7 @@ def dvgo_section(tiny: bool, lego: str | None, schedule: str, data_dir: str | No
     return rows
 
 
-# ------------------------------------------------------------------------------- seed 003 distortion
+# ------------------------------------------------------------------------------- distortion loss
 def dist_section(tiny: bool) -> list[str]:
     Ns, B = ((8, 16), 128) if tiny else ((32, 64, 128, 256, 384, 512), 8192)
     impls = list(kernels_bench.DIST_IMPLS)
@@ -201,7 +201,7 @@ def dist_section(tiny: bool) -> list[str]:
     return rows
 
 
-# ---------------------------------------------------------------------------- seed 004 NeRF / NeuS
+# ---------------------------------------------------------------------------- NeRF / NeuS speed
 def _camera_rays(h: int, w: int, origin: float, fov: float):
     ys, xs = torch.meshgrid(torch.linspace(-1, 1, h, device=DEV), torch.linspace(-1, 1, w, device=DEV), indexing="ij")
     rays_d = torch.stack([xs * fov, ys * fov, -torch.ones_like(xs)], -1)
@@ -221,7 +221,7 @@ def render_section(tiny: bool) -> list[str]:
     else:
         nerf, neus = NeRFModule(), NeuSModule()  # published sizes
         sizes, steps = {"NeRF": (800, 800), "NeuS": (600, 800)}, 20
-    rows = ["| method | training it/s (seed 004) | ours it/s | render s/img (seed 004) | ours s/img | image |",
+    rows = ["| method | training it/s (reference) | ours it/s | render s/img (reference) | ours s/img | image |",
             "|---|---|---|---|---|---|"]
     for name, model in (("NeRF", nerf), ("NeuS", neus)):
         torch.manual_seed(0)
@@ -342,8 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     titles = {"parity": "Kernel parity on the device (torch reference vs Triton, values and gradients)",
               "ops": "Per op, torch vs Triton (forward + backward where the op has one)",
-              "dvgo": "DVGO end to end (seed 000's table)", "dist": "Distortion loss (seed 003's table)",
-              "render": "NeRF and NeuS speed (seed 004's form)", "memory": "Memory growth per method (smoke presets)",
+              "dvgo": "DVGO end to end (PSNR and mm:ss)", "dist": "Distortion loss (O(N) against the O(N^2) reference)",
+              "render": "NeRF and NeuS speed (beside the reference GPU figures)", "memory": "Memory growth per method (smoke presets)",
               "pu_inn": "PU-INN: the CPU preset's network for a fixed time on the device"}
     lines = [f"Device: {device_name()}; torch {torch.__version__}; triton "
              f"{__import__('triton').__version__}; {platform.machine()}; measured {time.strftime('%Y-%m-%d %H:%M')} by "

@@ -1,5 +1,5 @@
-"""Custom kernels, measured side by side: per-op torch vs triton, seed 003's distortion table, and the
-end-to-end DVGO table in the form of seed 000 (PSNR and mm:ss; torch vs triton).
+"""Custom kernels, measured side by side: per-op torch vs triton, the O(N) distortion loss's table, and the
+end-to-end DVGO table in the form of DVGO's speed-up table (PSNR and mm:ss; torch vs triton).
 
 Usage:
   python bench/kernels.py                       # all three sections; CPU: torch columns at small sizes
@@ -125,7 +125,7 @@ def ops_table(scale):
     return rows
 
 
-# ------------------------------------------------------------------ seed 003: distortion loss table
+# ------------------------------------------------------------------ the O(N) distortion loss table
 DIST_IMPLS = ("original_distloss (O(N^2))", "eff_distloss (package, dense B x N)",
               "flatten_eff_distloss (package, flat + ray_id)", "ours, torch (flat + ray_id)",
               "ours, triton (flat + ray_id)")
@@ -262,7 +262,7 @@ def dist_table(Ns, mem_cap_gb, ragged=False):
             f"Time per forward + backward (ms, {how}):", "", *tim]
 
 
-# ------------------------------------------------------------------ seed 000: end-to-end DVGO table
+# ------------------------------------------------------------------ end-to-end DVGO table
 def e2e_table(lego: str | None):
     rows = ["| backend | " + " | ".join(f"{c} PSNR | {c} `mm:ss`" for c in ("160^3", "256^3")) + " |",
             "|---|---|---|---|---|"]
@@ -321,12 +321,12 @@ def main() -> None:
         scale = 1 if CUDA else 4
         lines += ["## Per op (forward + backward where the op has one)", "", *ops_table(scale), ""]
     if "dist" in sections:
-        lines += ["## Distortion loss (seed 003's table)", "",
+        lines += ["## Distortion loss (O(N) against the O(N^2) reference)", "",
                   *dist_table([int(n) for n in args.dist_n.split(",")], args.mem_cap_gb), "",
                   "### Ragged rays (ray i has N/2 to 3N/2 samples; the dense package on the zero-padded layout)", "",
                   *dist_table([int(n) for n in args.dist_n.split(",")], args.mem_cap_gb, ragged=True), ""]
     if "e2e" in sections:
-        lines += ["## DVGO end to end (seed 000's table)", "", *e2e_table(args.lego), ""]
+        lines += ["## DVGO end to end (PSNR and mm:ss)", "", *e2e_table(args.lego), ""]
     emit("\n".join(lines), "kernels", args.out)
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""NeRF speed beside seed 004's figures (4 it/s training, 21 s to render an image), and the test PSNR that
+"""NeRF speed beside the reference GPU figures (4 it/s training, 21 s to render an image), and the test PSNR that
 ``experiment=nerf_lego`` at downscale 8 (100x100) reaches after 15 minutes of training.
 
 Usage:
@@ -94,7 +94,7 @@ def main() -> None:
 
     lines = [f"Device: {device}; torch {torch.__version__}; measured {time.strftime('%Y-%m-%d %H:%M')} by "
              f"`python bench/nerf.py{' --full-render ' + a.full_render if a.full_render else ''}{' --skip-lego' if a.skip_lego else ''}`", "",
-             "| measure | seed 004 | ours |", "|---|---|---|",
+             "| measure | reference | ours |", "|---|---|---|",
              f"| training it/s (1024 rays, 64 + 128 samples, 8x256 MLPs) | 4 it/s (a GPU) | {it_s:.3f} it/s "
              f"({it_s / 4:.2f}x the seed; median of {a.train_steps} steps) |",
              f"| render 800x800 Blender (64 + 128 samples) | 21 s/img | {render_cell(blender)} |",

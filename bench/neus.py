@@ -1,4 +1,4 @@
-"""NeuS speed beside seed 004's figures (5 it/s training, 60 s to render an image), and the mesh that
+"""NeuS speed beside the reference GPU figures (5 it/s training, 60 s to render an image), and the mesh that
 ``experiment=neus_synthetic_cpu`` reaches on the generated scene within 15 minutes on this machine.
 
 Usage:
@@ -83,7 +83,7 @@ def main() -> None:
             f"{render['ms_per_ray']:.3f} ms/ray, measured on {render['rays']:,} rays (whole image not rendered)")
     lines = [f"Device: {device}; torch {torch.__version__}; measured {time.strftime('%Y-%m-%d %H:%M')} by "
              f"`python bench/neus.py{' --skip-train' if a.skip_train else ''}`", "",
-             "| measure | seed 004 | ours |", "|---|---|---|",
+             "| measure | reference | ours |", "|---|---|---|",
              f"| training it/s (512 rays, 64 + 64 samples in 4 up-sampling steps, SDF 8x256 + gradient, colour 4x256) "
              f"| 5 it/s (a GPU) | {it_s:.3f} it/s ({it_s / 5:.2f}x the seed; median of {a.train_steps} steps) |",
              f"| render 800x600 (DTU scan24 half resolution; 512-ray chunks) | 60 s/img | {cell} |"]

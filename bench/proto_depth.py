@@ -101,7 +101,7 @@ def step_case(b: int, n: int, original: bool) -> Callable[[], None]:
     return run
 
 
-SLOTS, PROTOS, LEVEL, SAMPLES, K_NEAREST = 32, 32, 4, 200, 3  # seed 002's sizes
+SLOTS, PROTOS, LEVEL, SAMPLES, K_NEAREST = 32, 32, 4, 200, 3  # the upstream Proto-Depth setup's sizes
 
 
 def build(case: str, variant: str, a) -> Callable[[], None]:
@@ -154,7 +154,7 @@ def main() -> None:
     gpu_note = "" if CUDA else " GPU columns: not measured (no GPU lent to this session)."
     lines = [f"Device: {device_name()}; torch {torch.__version__}; measured {time.strftime('%Y-%m-%d %H:%M')} by "
              f"`python bench/proto_depth.py{_args_text(a)}`", "",
-             "| case | seed 002 claim | reference: time / peak memory | optimised: time / peak memory | speed-up | "
+             "| case | reference claim | reference: time / peak memory | optimised: time / peak memory | speed-up | "
              "memory ratio |", "|---|---|---|---|---|---|", *rows, "",
              f"Median of {a.repeats} calls after a warm-up, each case in its own process; peak memory is the "
              f"{'peak allocated CUDA memory' if CUDA else 'peak resident memory (VmHWM)'} of the warm-up call over "

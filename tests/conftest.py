@@ -65,7 +65,7 @@ def assert_same_test_metrics(trained: dict, evaluated: dict) -> None:
 
 
 def assert_instruments(out: Path, metrics: dict, phases: dict[str, set[str]]) -> None:
-    """What ``callbacks=all`` gives a smoke run (issue 15): no memory growth found in any loop (no false alarm),
+    """What ``callbacks=all`` gives a smoke run: no memory growth found in any loop (no false alarm),
     and for each loop in ``phases`` a phase table, above the op table, holding at least those phases, whose
     phases sum to within 10% of the step time."""
     import json

@@ -3,7 +3,7 @@
 Writes ``<sweep dir>/summary.md`` (and prints it): per job, the overrides that vary across the sweep, the
 method's key test metrics (its class's ``key_metrics``: DVGO / NeRF PSNR, SSIM, LPIPS; NeuS PSNR, mesh Chamfer,
 F-score; PU-INN CD, HD, P2F; Proto-Depth Chamfer, slots used) with the optimised one first, training wall time,
-peak memory and it/s, read from each job's ``metrics.json``, in the form of seed 000's tables; then the best job
+peak memory and it/s, read from each job's ``metrics.json``, in the form of DVGO's speed-up tables (PSNR beside mm:ss); then the best job
 by the optimised metric (``optimized_metric``, else the method's first key metric). Jobs that failed (no
 ``metrics.json``) are listed as failed.
 """

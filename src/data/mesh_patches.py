@@ -72,10 +72,10 @@ def even_points(verts: np.ndarray, faces: np.ndarray, n: int, seed: int, oversam
     normal (n, 3)."""
     from src.geometry.mesh import sample_surface
 
-    dense, normals = sample_surface(verts, faces, oversample * n, seed=seed, return_normals=True)
+    dense, normals = (t.float() for t in sample_surface(verts, faces, oversample * n, seed=seed, return_normals=True))
     start = int(torch.randint(oversample * n, (1,), generator=torch.Generator().manual_seed(seed)))
-    keep = farthest_point_sample(dense.float(), n, start=start)
-    return (dense.float()[keep], normals.float()[keep]) if return_normals else dense.float()[keep]
+    keep = farthest_point_sample(dense, n, start=start)
+    return (dense[keep], normals[keep]) if return_normals else dense[keep]
 
 
 def mesh_patches(verts: np.ndarray, faces: np.ndarray, points_per_mesh: int, patches_per_mesh: int,
