@@ -35,7 +35,7 @@ sys.argv, RUN_OVERRIDES = _split_argv(sys.argv)
 def main(cfg: DictConfig) -> float | None:
     from pathlib import Path
 
-    from src.evaluate import apply_overrides, load_run_config, repoint
+    from src.run_config import apply_overrides, load_run_config, repoint
     from src.pipeline import evaluate
 
     ckpt = Path(cfg.ckpt_path).expanduser().resolve()
@@ -43,7 +43,7 @@ def main(cfg: DictConfig) -> float | None:
     run_cfg = repoint(apply_overrides(run_cfg, RUN_OVERRIDES), cfg.paths.output_dir)
     metrics = evaluate(run_cfg, str(ckpt), cfg.render,
                        source={"ckpt_path": str(ckpt), "run_dir": str(run_dir), "overrides": " ".join(RUN_OVERRIDES)})
-    from src.metrics import optimized_metric
+    from src.callbacks.sweep import optimized_metric
 
     value = metrics.get(optimized_metric(run_cfg))
     return float(value) if isinstance(value, float) else None

@@ -8,7 +8,7 @@ from src.pipeline import run
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from src.metrics import optimized_metric
+    from src.callbacks.sweep import optimized_metric
 
     metrics = run(cfg)
     value = metrics.get(optimized_metric(cfg))

@@ -29,7 +29,7 @@ import torch
 from _common import CUDA, ROOT, device_name, emit, sync  # bench/_common.py
 
 from src import kernels
-from src.callbacks.memory import peak_rss_mb, reset_peak_rss, rss_bytes
+from src.process import peak_rss_mb, reset_peak_rss, rss_bytes
 from src.kernels import reference
 
 DEV = "cuda" if CUDA else "cpu"

@@ -25,11 +25,12 @@ from typing import Callable
 import torch
 from _common import CUDA, device_name, emit, sync  # bench/_common.py
 
-from src.callbacks.memory import peak_rss_mb, reset_peak_rss, rss_bytes
+from src.process import peak_rss_mb, reset_peak_rss, rss_bytes
 from src.geometry.knn import knn_points
 from src.models.proto_depth import ProtoDepthModule
 from src.models.proto_depth.losses import hybrid_chamfer
-from src.models.proto_depth.network import ico_sphere, transform_meshes, transform_meshes_looped
+from src.geometry.mesh import icosphere
+from src.models.proto_depth.network import transform_meshes, transform_meshes_looped
 
 DEV = "cuda" if CUDA else "cpu"
 
@@ -59,7 +60,7 @@ def measure(fn: Callable[[], None], repeats: int) -> tuple[float, float]:
 
 def transform_case(b: int, k: int, p: int, level: int, looped: bool) -> Callable[[], None]:
     g = torch.Generator().manual_seed(0)
-    verts = ico_sphere(level)[0]
+    verts = torch.from_numpy(icosphere(level, prefer_pytorch3d=True)[0]).float()
     protos = (verts[None] + 0.02 * torch.randn(p, *verts.shape, generator=g)).to(DEV).requires_grad_()
     scale, euler, trans = (torch.rand(b, k, 3, generator=g).to(DEV).requires_grad_() for _ in range(3))
     fn = transform_meshes_looped if looped else transform_meshes

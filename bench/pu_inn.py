@@ -40,9 +40,11 @@ import lightning as L
 import torch
 from _common import CUDA, ROOT, device_name, emit  # bench/_common.py
 
-from src.data.pu_gan import load_test_shapes
+from src.data.point_patches import load_test_shapes
 from src.geometry.knn import knn_points
-from src.geometry.pu_metrics import cd_hd, closest_points_on_mesh, even_surface_sample, farthest_point_sample, read_xyz
+from src.geometry.mesh_io import read_xyz
+from src.geometry.pu_metrics import cd_hd, closest_points_on_mesh
+from src.geometry.sampling import even_surface_sample, farthest_point_sample
 from src.models.pu_inn.module import PUINNModule, ground_truth, score_shape, upsample_layouts
 from src.models.pu_inn.network import gather
 

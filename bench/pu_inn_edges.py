@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from _common import device_name, emit  # bench/_common.py
 
-from src.data.pu_gan import load_test_shapes
-from src.geometry.pu_metrics import (cd_hd, closest_points_on_mesh, even_surface_sample, farthest_point_sample,
-                                     normalize_unit_sphere, point_triangle_distance)
+from src.data.point_patches import load_test_shapes
+from src.geometry.pu_metrics import cd_hd, closest_points_on_mesh, normalize_unit_sphere, point_triangle_distance
+from src.geometry.sampling import even_surface_sample, farthest_point_sample
 from src.models.pu_inn.module import PUINNModule, ground_truth, upsample_shape
 
 

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import CUDA, ROOT, device_name, emit, sync  # bench/_common.py
+from _common import CUDA, device_name, emit, sync  # bench/_common.py
 
 from src.models.pu_inn.module import PUINNModule
 
@@ -49,7 +49,7 @@ def main() -> None:
     device = "cuda" if CUDA else "cpu"
     torch.manual_seed(0)
     if a.ckpt:
-        from src.evaluate import load_run_config
+        from src.run_config import load_run_config
 
         cfg, _ = load_run_config(a.ckpt)
         module = PUINNModule.load_from_checkpoint(a.ckpt, map_location="cpu")

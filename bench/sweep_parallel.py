@@ -1,5 +1,5 @@
 """Two training jobs on this machine: one after the other, a ``hydra/launcher=joblib`` sweep of both at once (each
-job gets ``cores // n_jobs`` torch threads: ``src.loggers.share_cores_in_parallel_sweeps``), and, for contrast,
+job gets ``cores // n_jobs`` torch threads: ``src.process.share_cores_in_parallel_sweeps``), and, for contrast,
 two plain ``train.py`` processes started together (each takes every core). Prints a table and writes it to
 ``bench/results/sweep_parallel_<cpu|gpu>.md``.
 

@@ -15,7 +15,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
 import src.config  # noqa: F401  (resolvers used by saved configs)
-from src.callbacks.mesh import export_mesh, score_against_truth
+from src.geometry.meshing import export_mesh, score_against_truth
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"checkpoint not found: {ckpt}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = get_class(cfg.model._target_).load_from_checkpoint(ckpt, map_location=device)
-    if not hasattr(model, "geometry_field"):
+    if not model.meshes:
         raise SystemExit(f"{cfg.model._target_} has no geometry field to mesh")
     if a.threshold is not None:
         model.hparams.mesh_threshold = a.threshold

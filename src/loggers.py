@@ -98,29 +98,3 @@ def wandb_results(trainer, run_dir: Path, metrics: dict) -> None:
             run.log({"test/items": table})
         if mesh is not None:
             run.log({"test/mesh": mesh})
-
-
-def share_cores_in_parallel_sweeps() -> int | None:
-    """In a ``hydra/launcher=joblib`` multirun, give this job its share of the cores: ``cpu_count // n_jobs``
-    torch (intra-op and OpenMP) threads, at least 1. Several torch processes that each take every core slow each
-    other down many times over on a small machine (spinning OpenMP threads fight for the same cores), far more
-    than running them one after another. Returns the threads set, or None outside such a sweep."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        hc = HydraConfig.get()
-    except (ImportError, ValueError):
-        return None
-    launcher = hc.get("launcher") or {}
-    if not str(hc.get("mode")).endswith("MULTIRUN") or "joblib" not in str(launcher.get("_target_", "")).lower():
-        return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    n_jobs = int(launcher.get("n_jobs") or -1)
-    n_jobs = cores + 1 + n_jobs if n_jobs < 0 else n_jobs  # joblib: -1 = all cores, -2 = all but one, ...
-    threads = max(1, cores // max(1, n_jobs))
-    import torch
-
-    torch.set_num_threads(threads)
-    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)  # for processes it starts
-    log.info("parallel sweep: %d jobs at a time on %d cores -> %d torch thread(s) for this job", n_jobs, cores, threads)
-    return threads

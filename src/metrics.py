@@ -56,29 +56,3 @@ def lpips_model() -> tuple[object | None, str]:
         return lpips.LPIPS(net="vgg", verbose=False).eval(), ""
     except Exception as err:  # weights missing and no network: report, never invent
         return None, f"lpips backbone weights unavailable ({type(err).__name__})"
-
-
-# ---- which scores a method is judged by ---------------------------------------------------------------
-#: name fragments of scores where larger is better (everything else - Chamfer, HD, P2F, EMD, LPIPS, losses,
-#: seconds, megabytes - is better smaller)
-HIGHER_IS_BETTER = ("psnr", "ssim", "fscore", "precision", "recall", "it_s", "rays_s", "slots_used")
-
-
-def higher_is_better(metric: str) -> bool:
-    return any(part in metric.split("/")[-1] for part in HIGHER_IS_BETTER)
-
-
-def key_metrics(model_target: str) -> tuple[str, ...]:
-    """The scores a method is judged by (its class's ``key_metrics``; the first is what a sweep optimises by
-    default), from the ``_target_`` of its config."""
-    from hydra.utils import get_class
-
-    try:
-        return tuple(getattr(get_class(model_target), "key_metrics", ("test/psnr", "test/ssim")))
-    except Exception:  # noqa: BLE001 - an unknown class: image metrics
-        return ("test/psnr", "test/ssim")
-
-
-def optimized_metric(cfg) -> str:
-    """``optimized_metric`` when set, else the method's first key metric."""
-    return cfg.get("optimized_metric") or key_metrics(cfg.model._target_)[0]

@@ -15,9 +15,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from src import kernels
-from src.loggers import share_cores_in_parallel_sweeps, wandb_loggers, wandb_results
-from src.callbacks.memory import peak_rss_mb, reset_peak_rss
+from src.callbacks import SummaryCallback
+from src.loggers import wandb_loggers, wandb_results
 from src.metrics import lpips_model
+from src.models.method import Method
+from src.process import peak_rss_mb, reset_peak_rss, share_cores_in_parallel_sweeps
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +109,15 @@ def _trainer(cfg: DictConfig, out_dir: Path, max_steps: int) -> L.Trainer:
     return trainer
 
 
+def _method(cfg: DictConfig) -> Method:
+    """The configured method (plain containers: checkpoints load with ``weights_only``)."""
+    model = instantiate(cfg.model, _convert_="all")
+    if not isinstance(model, Method):
+        raise TypeError(f"model._target_={cfg.model._target_}: a method must subclass src.models.method.Method "
+                        f"(got {type(model).__name__})")
+    return model
+
+
 def run(cfg: DictConfig) -> dict:
     """Train ``cfg.model`` on ``cfg.data`` and test it; returns the flat metrics written to metrics.json."""
     out_dir = _setup(cfg)
@@ -117,7 +128,7 @@ def run(cfg: DictConfig) -> dict:
     datamodule.setup("fit")
     load_s = time.perf_counter() - tic
 
-    model = instantiate(cfg.model, _convert_="all")  # plain containers: checkpoints load with weights_only
+    model = _method(cfg)
     max_steps = cfg.trainer.max_steps if cfg.trainer.max_steps is not None else model.total_steps
     trainer = _trainer(cfg, out_dir, max_steps)
 
@@ -125,7 +136,7 @@ def run(cfg: DictConfig) -> dict:
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     train_s = time.perf_counter() - tic
     fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-    fit_metrics.update(getattr(model, "fit_facts", dict)())  # a method's words on its numbers (e.g. estimators)
+    fit_metrics.update(model.fit_facts())  # a method's words on its numbers (e.g. estimators)
     trainer.save_checkpoint(out_dir / "checkpoints" / "final.ckpt", weights_only=False)  # resumable, as last.ckpt
 
     datamodule.setup("test")
@@ -134,7 +145,7 @@ def run(cfg: DictConfig) -> dict:
     metrics.update({
         "time/load_s": round(load_s, 2),
         "time/train_s": round(train_s, 2),
-        **{f"time/{k}_s": round(v, 2) for k, v in getattr(model, "stage_time", {}).items()},
+        **{f"time/{k}_s": round(v, 2) for k, v in model.stage_times().items()},
         "train/steps": int(trainer.global_step),
     })
     return _report(trainer, model, datamodule, out_dir, metrics)
@@ -155,7 +166,7 @@ def evaluate(cfg: DictConfig, ckpt_path: str, render: str = "test", source: dict
     datamodule.prepare_data()
     datamodule.setup("test")  # test data only: no training split is read
     load_s = time.perf_counter() - tic
-    model = instantiate(cfg.model, _convert_="all")
+    model = _method(cfg)
     frames = model.hparams.get("render_path_frames") or 120
     if "render_path_frames" in model.hparams:
         model.hparams.render_path_frames = 0  # the video is rendered below, when asked, not after testing
@@ -171,7 +182,7 @@ def evaluate(cfg: DictConfig, ckpt_path: str, render: str = "test", source: dict
         trainer.test(model, datamodule=datamodule, verbose=False)
         metrics.update(_test_metrics(trainer))
     if render in ("path", "both"):
-        if not hasattr(model, "render_path_video"):
+        if not model.renders_path:
             raise ValueError(f"render={render}: {type(model).__name__} renders no camera path (image methods do)")
         model.to(trainer.strategy.root_device)
         if trainer.is_global_zero:
@@ -203,7 +214,7 @@ def _report(trainer: L.Trainer, model, datamodule, out_dir: Path, metrics: dict)
         **({f"kernels/{op}": b for op, b in backends.items()} if any("not called" not in b for b in backends.values()) else {}),
     })
     for cb in trainer.callbacks:  # callbacks with a summary (memory growth, throughput, ...)
-        if hasattr(cb, "summary"):
+        if isinstance(cb, SummaryCallback):
             metrics.update(cb.summary())
     if trainer.is_global_zero:
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))

@@ -20,6 +20,16 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 LEGO = SHARED_DATA / "nerf_synthetic" / "lego"
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` skip cleanly on a machine without CUDA."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
     """Where generated scenes go for the whole session (generated once, reused by every test)."""
@@ -47,7 +57,7 @@ def needs_lego():
 def evaluate_run(run_dir: Path, out: Path, *overrides: str, render: str = "test", ckpt: str = "final.ckpt") -> dict:
     """What ``python eval.py ckpt_path=<run_dir>/checkpoints/<ckpt> render=<render> <overrides>`` does, in this
     process (into ``out``)."""
-    from src.evaluate import apply_overrides, load_run_config, repoint
+    from src.run_config import apply_overrides, load_run_config, repoint
     from src.pipeline import evaluate
 
     path = run_dir / "checkpoints" / ckpt

@@ -15,6 +15,7 @@ OPS = ("raw2alpha", "alpha_to_weights", "segment_sum", "distortion_loss", "ray_a
        "total_variation_add_grad", "grid_adam_step")
 
 
+@pytest.mark.slow
 def test_gpu_bench_tiny_runs_every_section(tmp_path, data_dir):
     out = tmp_path / "gpu_tiny.md"
     proc = subprocess.run([sys.executable, "bench/gpu.py", "--tiny", "--data-dir", str(data_dir), "--out", str(out)],

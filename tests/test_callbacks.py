@@ -183,6 +183,7 @@ def callbacks_all_run(tmp_path_factory, data_dir):
     return out, run(cfg)
 
 
+@pytest.mark.slow
 def test_callbacks_all_writes_every_artifact(callbacks_all_run):
     out, metrics = callbacks_all_run
     for name in ("profile/train_table.txt", "profile/train_trace.json", "profile/val_table.txt", "memory.csv",
@@ -196,6 +197,7 @@ def test_callbacks_all_writes_every_artifact(callbacks_all_run):
     assert metrics["throughput/coarse_it_s"] > 0 and metrics["throughput/fine_it_s"] > 0
 
 
+@pytest.mark.slow
 def test_phase_tables_cover_dvgo_steps(callbacks_all_run):
     """The profiler's phase table (above the op table) names DVGO's phases, which sum to within 10% of the step,
     in training and validation; the phases cost nothing when the profiler is off (they are bare contexts)."""
@@ -209,6 +211,7 @@ def test_phase_tables_cover_dvgo_steps(callbacks_all_run):
     assert phase("x") is phase("y")  # off: one shared nullcontext, nothing recorded
 
 
+@pytest.mark.slow
 def test_memory_clean_dvgo_smoke_reports_growth_near_zero(callbacks_all_run):
     out, metrics = callbacks_all_run
     assert metrics["memory/leak_found"] is False
@@ -219,6 +222,7 @@ def test_memory_clean_dvgo_smoke_reports_growth_near_zero(callbacks_all_run):
     assert metrics["memory/val/leak_found"] is False and metrics["memory/test/leak_found"] is False
 
 
+@pytest.mark.slow
 def test_kernel_ab_compares_the_triton_kernels_with_the_reference(callbacks_all_run):
     """Under TRITON_INTERPRET (conftest) the fast backend is checked on CPU: errors tiny, every op listed."""
     out, metrics = callbacks_all_run
@@ -228,6 +232,7 @@ def test_kernel_ab_compares_the_triton_kernels_with_the_reference(callbacks_all_
     assert metrics["kernel_ab/max_abs_err"] < 1e-4
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_holds_the_results(make_cfg, tmp_path, monkeypatch, capfd):
     """The offline run's record log (what `wandb sync` uploads) holds the composed config once (no flattened
     model hyperparameters beside it), every metrics.json key in the summary, the test views as a table with their
@@ -265,6 +270,7 @@ def test_wandb_offline_run_holds_the_results(make_cfg, tmp_path, monkeypatch, ca
     assert "anonymous" not in capfd.readouterr().err
 
 
+@pytest.mark.slow
 def test_multirun_writes_the_sweep_summary(tmp_path, data_dir):
     sweep = tmp_path / "sweep"
     proc = subprocess.run([sys.executable, "train.py", "-m", "experiment=dvgo_smoke", f"paths.data_dir={data_dir}",
@@ -305,6 +311,7 @@ def test_sweep_summary_uses_the_methods_metrics_and_direction(tmp_path):
     assert best.endswith("job 1 (model.net.k=4): test/cd = 0.7") and "lower is better" in best
 
 
+@pytest.mark.slow
 def test_ddp_with_two_cpu_processes_writes_one_metrics_json(tmp_path, data_dir):
     out = tmp_path / "ddp"
     proc = subprocess.run([sys.executable, "train.py", "experiment=dvgo_smoke", "trainer=ddp_cpu",
@@ -332,7 +339,7 @@ def test_joblib_sweep_jobs_get_their_share_of_the_cores(monkeypatch):
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    from src.loggers import share_cores_in_parallel_sweeps
+    from src.process import share_cores_in_parallel_sweeps
 
     before = torch.get_num_threads()
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))

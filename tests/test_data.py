@@ -12,7 +12,8 @@ from src.data.blender import DataError, load_split, read_rgba
 from src.data.datamodule import BlenderDataModule
 from src.data.generate import write_blender
 from src.data.scene import default_scene
-from src.render import get_rays, project_points
+from src.geometry.camera import project_points
+from src.render import get_rays
 from tests.conftest import LEGO, needs_lego
 
 

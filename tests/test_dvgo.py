@@ -28,6 +28,7 @@ def smoke_run(tmp_path_factory, data_dir):
     return out, run(cfg)
 
 
+@pytest.mark.slow
 def test_dvgo_smoke_learns_the_scene(smoke_run):
     out, metrics = smoke_run
     saved = json.loads((out / "metrics.json").read_text())
@@ -45,6 +46,7 @@ def test_dvgo_smoke_learns_the_scene(smoke_run):
     assert (out / "checkpoints" / "last.ckpt").is_file() and (out / "checkpoints" / "final.ckpt").is_file()
 
 
+@pytest.mark.slow
 def test_eval_of_the_checkpoint_reproduces_the_test_metrics_and_renders_the_orbit(smoke_run, tmp_path):
     """`eval.py ckpt_path=.../final.ckpt` tests with the run's saved config: the same scores, per-view rows; with
     an override (data.test_split=val) it tests the other split; render=path writes the orbit video only."""
@@ -85,6 +87,7 @@ def test_eval_of_the_checkpoint_reproduces_the_test_metrics_and_renders_the_orbi
     assert np.abs(frames[0][:, :40].astype(float) - first).mean() < 3.0  # H.264 at quality 8: a few levels
 
 
+@pytest.mark.slow
 def test_eval_command_line_takes_overrides_of_the_saved_config(smoke_run, tmp_path):
     """`python eval.py ckpt_path=... data.test_split=val`: the override reaches the run's config (not eval.py's),
     the results land in hydra.run.dir, and nothing of Lightning's checkpoint-restoring notices is printed."""
@@ -103,6 +106,7 @@ def test_eval_command_line_takes_overrides_of_the_saved_config(smoke_run, tmp_pa
     assert "dirpath has changed" not in proc.stderr and "callbacks used to create the checkpoint" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_resumed_run_finishes_with_the_same_result(smoke_run, make_cfg, tmp_path):
     _, full = smoke_run
     first = run(make_cfg(*SMOKE, "trainer.max_steps=200", out=tmp_path / "killed"))  # 'killed' after step 200
@@ -126,6 +130,7 @@ class PoisonColour(L.Callback):
             module.field.k0.grid.data.fill_(float("nan"))
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(make_cfg, tmp_path):
     cfg = make_cfg(*SMOKE, "+callbacks.poison._target_=tests.test_dvgo.PoisonColour",
                    "+callbacks.poison.at_step=120", out=tmp_path / "nan")
@@ -180,6 +185,7 @@ def test_unknown_config_key_is_named(make_cfg):
         make_cfg("model.no_such_key=1")
 
 
+@pytest.mark.slow
 def test_dvgo_mesh_from_the_checkpoint_matches_the_scene(smoke_run):
     """``python -m src.export_mesh RUN_DIR``: DVGO's density is triangulated at its opacity level, in world
     coordinates, close to the generated scene's exact surface."""

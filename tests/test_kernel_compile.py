@@ -34,6 +34,7 @@ def _start(args: list[str]) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_every_triton_kernel_variant_compiles_for_sm80_and_sm90():
     from src.kernels import triton_ops
 

@@ -425,6 +425,7 @@ def test_guarded_auto_falls_back_to_the_reference_and_says_why(auto_on_cpu, monk
             assert not torch.equal(kernels.alpha_to_weights(alpha, ray_id, n)[0], out[0]) or fault == "wrong gradient"
 
 
+@pytest.mark.slow
 def test_guarded_fallback_leaves_a_run_unchanged(auto_on_cpu, monkeypatch, make_cfg, tmp_path):
     """A DVGO run whose alpha_to_weights kernel is broken under auto ends with the metrics of a torch run,
     and metrics.json says which op fell back and why."""
@@ -480,6 +481,7 @@ class LossRecorder(__import__("lightning").Callback):
         self.losses.append(float(outputs["loss"] if isinstance(outputs, dict) else outputs))
 
 
+@pytest.mark.slow
 def test_kernel_dvgo_training_steps_match_torch(make_cfg, tmp_path):
     """A few DVGO steps (coarse, then fine with a progressive-scaling step) on a tiny generated scene,
     with TV and distortion switched on so every op runs: same losses with kernels=triton as kernels=torch."""
@@ -511,3 +513,24 @@ def test_kernel_dvgo_training_steps_match_torch(make_cfg, tmp_path):
     assert all(used["triton"][op] == "triton" for op in ran), used["triton"]
     assert all(used["torch"][op] == "torch" for op in ran), used["torch"]
     assert losses["triton"] == pytest.approx(losses["torch"], rel=1e-4), losses
+
+
+@pytest.mark.gpu
+def test_auto_runs_every_triton_kernel_on_cuda_tensors_and_keeps_it():
+    """On a GPU the default backend (guarded ``auto``) runs the compiled Triton kernels, not the interpreter's,
+    checks each against the reference on its first call and keeps it: no op falls back on real CUDA tensors."""
+    g = torch.Generator().manual_seed(0)
+    n_rays, per_ray = 512, 24
+    ray_id = torch.arange(n_rays).repeat_interleave(per_ray).cuda()
+    density = torch.randn(n_rays * per_ray, generator=g).cuda().requires_grad_()
+    with kernels.use_backend("auto"):
+        alpha = kernels.raw2alpha(density, -4.0, 0.5)
+        weights, _, _ = kernels.alpha_to_weights(alpha, ray_id, n_rays, 1e-3)
+        total = kernels.segment_sum(weights[:, None], ray_id, n_rays)
+        used = kernels.used_backends()
+    assert [used[op] for op in ("raw2alpha", "alpha_to_weights", "segment_sum")] == ["triton"] * 3, used
+    ref_alpha = reference.raw2alpha(density, -4.0, 0.5)
+    ref_total = reference.segment_sum(reference.alpha_to_weights(ref_alpha, ray_id, n_rays, 1e-3)[0][:, None], ray_id,
+                                      n_rays)
+    torch.testing.assert_close(alpha, ref_alpha, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(total, ref_total, rtol=1e-5, atol=1e-5)

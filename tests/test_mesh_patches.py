@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from src.data.errors import DataError
-from src.data.mesh_patches import MeshPatchesDataModule, PatchDraws, draw_input, nn_spacing_cv, read_mesh
-from src.data.pu_gan import torus, write_off
+from src.data.mesh_patches import MeshPatchesDataModule, nn_spacing_cv
+from src.data.point_patches import PatchDraws, draw_input
+from src.geometry.mesh_io import read_mesh, write_mesh
+from src.data.pu_gan import torus
 from tests.conftest import SHARED_DATA
 
 def _dist_to(points: torch.Tensor, cloud: torch.Tensor) -> torch.Tensor:
@@ -34,7 +36,7 @@ def mesh_folder(tmp_path) -> Path:
     root = tmp_path / "meshes"
     root.mkdir()
     _quad_box_obj(root / "a_box.obj")
-    write_off(root / "b_torus.off", *torus())
+    write_mesh(root / "b_torus.off", *torus(), digits=6)
     trimesh.creation.icosphere(3).export(root / "c_sphere.ply")
     return root
 
@@ -147,7 +149,7 @@ def test_nonuniform_inputs_are_as_uneven_as_pu_gans_test_inputs():
     assert cv["fps"] < 0.2 and 0.25 < cv["nonuniform"] < 0.5 and 0.25 < cv["random"] < 0.5, cv
     test_dir = SHARED_DATA / "pu_gan" / "test"
     if test_dir.is_dir():  # the real test inputs, when ../shared/data has them
-        from src.data.pu_gan import load_test_shapes
+        from src.data.point_patches import load_test_shapes
 
         real = np.mean([nn_spacing_cv(s["input"]) for s in load_test_shapes(test_dir)])
         assert abs(cv["nonuniform"] - real) < 0.1, (cv, real)

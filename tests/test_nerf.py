@@ -63,6 +63,7 @@ def test_nerf_full_image_render_equals_its_chunks():
     assert whole["rgb"].shape == (12, 9, 3)
 
 
+@pytest.mark.slow
 def test_nerf_smoke_learns(make_cfg, tmp_path):
     out = tmp_path / "run"
     metrics = run(make_cfg("experiment=nerf_smoke", "callbacks=all", out=out))
@@ -176,6 +177,7 @@ def test_llff_bad_input_names_the_file(tmp_path):
         load_llff(tmp_path, factor=8)
 
 
+@pytest.mark.slow
 def test_nerf_on_generated_llff_runs_and_writes_the_spiral_video(make_cfg, tmp_path):
     from src.render.video import read_video_frames
 

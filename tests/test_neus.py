@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from src.callbacks.mesh import export_mesh, mesh_metrics
+from src.geometry.meshing import export_mesh, mesh_metrics
 from src.data.blender import DataError
 from src.data.datamodule import NeuSDataModule
 from src.data.generate import NEUS_SCALE, write_neus
 from src.data.neus import GL_FROM_CV, decompose_projection, load_neus
 from src.data.scene import default_scene
-from src.geometry import chamfer_fscore, extract_mesh, read_ply, sample_surface, write_ply
+from src.geometry import chamfer_fscore, extract_mesh, read_mesh, sample_surface, write_ply
 from src.models.neus import NeuSModule
 from src.models.neus.network import SDFNetwork
 from src.pipeline import run
@@ -194,7 +194,7 @@ def test_marching_cubes_of_an_analytic_sdf_has_chamfer_near_zero(tmp_path):
     gt = scene.sample_surface(20000, seed=0)
     verts, faces = extract_mesh(lambda p: scene.sdf(p).float(), (-1.2,) * 3, (1.2,) * 3, 128, block=48)
     path = write_ply(tmp_path / "scene.ply", verts, faces)
-    v2, f2 = read_ply(path)
+    v2, f2 = read_mesh(path)
     np.testing.assert_allclose(v2, verts, atol=1e-6)
     np.testing.assert_array_equal(f2, faces)
     good = mesh_metrics(verts, faces, gt, 20000, threshold=0.02)
@@ -220,6 +220,7 @@ def test_chamfer_fscore_matches_its_definition():
     assert (pts[:, 2] == 0).all() and (pts[:, :2] >= 0).all() and (pts[:, 0] + pts[:, 1] <= 1 + 1e-12).all()
 
 
+@pytest.mark.slow
 def test_neus_smoke_run_improves_its_mesh(make_cfg, tmp_path):
     """The generated scene: the trained SDF's mesh is much closer to the exact surface than the initial sphere."""
     cfg = make_cfg("experiment=neus_smoke", "model.end_iter=300", "trainer.val_check_interval=300",

@@ -13,19 +13,22 @@ import torch
 from PIL import Image
 
 from src.data.blender import DataError
-from src.data.depth import DepthDataModule, depth_to_points, project_points, write_depth_scenes
+from src.data.depth import DepthDataModule, depth_to_points, write_depth_scenes
+from src.geometry.camera import intrinsics_matrix, project_points
 from src.geometry.knn import chamfer, knn_points, knn_points_dense
+from src.geometry.mesh import icosphere
 from src.geometry.rotation import euler_angles_to_matrix
+from src.geometry.sampling import sample_points
 from src.models.proto_depth.losses import hybrid_chamfer
-from src.geometry.mesh import sample_points
-from src.models.proto_depth.network import Prototypes, ico_sphere, transform_meshes, transform_meshes_looped
+from src.models.proto_depth.network import Prototypes, transform_meshes, transform_meshes_looped
 
 HAS_P3D = importlib.util.find_spec("pytorch3d") is not None
 
 
 def _slots(b=2, k=3, p=4, level=1, seed=0):
     g = torch.Generator().manual_seed(seed)
-    verts = ico_sphere(level)[0].double()[None] + 0.1 * torch.randn(p, ico_sphere(level)[0].shape[0], 3, generator=g).double()
+    sphere = torch.from_numpy(icosphere(level, prefer_pytorch3d=True)[0])
+    verts = sphere[None] + 0.1 * torch.randn(p, sphere.shape[0], 3, generator=g).double()
     scale = (0.2 + torch.rand(b, k, 3, generator=g)).double()
     euler = (torch.rand(b, k, 3, generator=g) * 2 - 1).double() * math.pi
     trans = torch.randn(b, k, 3, generator=g).double()
@@ -118,9 +121,9 @@ def test_hybrid_chamfer_terms_on_a_hand_made_case():
 
 # ------------------------------------------------------------------------------------------- meshes
 def test_ico_sphere_and_prototype_regularisers():
-    verts, faces = ico_sphere(4)
+    verts, faces = (torch.from_numpy(a) for a in icosphere(4, prefer_pytorch3d=True))
     assert verts.shape == (2562, 3) and faces.shape == (5120, 3)
-    torch.testing.assert_close(verts.norm(dim=-1), torch.ones(2562))
+    torch.testing.assert_close(verts.norm(dim=-1), torch.ones(2562, dtype=torch.float64))
     protos = Prototypes(3, 2, init_noise=0.0)
     assert protos.edges.shape[0] == 3 * 320 // 2  # closed triangle mesh: E = 3F/2
     smooth = protos.regularisers()
@@ -151,8 +154,9 @@ def test_back_projection_and_projection_are_inverse():
     pts, flat = depth_to_points(depth, fx=10.0, fy=12.0, cx=2.5, cy=2.0)
     assert pts.shape == (19, 3) and int(flat[0]) == 1
     torch.testing.assert_close(pts[0], torch.tensor([(1.5 - 2.5) * 2 / 10, (0.5 - 2.0) * 2 / 12, 2.0]))
-    uv = project_points(pts, 10.0, 12.0, 2.5, 2.0)
-    torch.testing.assert_close(uv, torch.stack([flat % 5, flat // 5], -1).float())
+    uv, z = project_points(pts, intrinsics_matrix(10.0, 12.0, 2.5, 2.0).float())
+    torch.testing.assert_close(uv - 0.5, torch.stack([flat % 5, flat // 5], -1).float())  # at the pixel centres
+    torch.testing.assert_close(z, pts[:, 2])
 
 
 def test_generated_depth_points_lie_on_the_true_primitives(tmp_path):
@@ -204,6 +208,7 @@ def test_depth_loader_reads_npy_like_png_and_names_bad_input(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------- training
+@pytest.mark.slow
 def test_proto_depth_smoke_lowers_the_chamfer(make_cfg, tmp_path):
     """``experiment=proto_depth_smoke`` (600 steps on generated depth maps) writes test/chamfer below 0.7x
     the untrained network's on the same maps (seen: 0.025 vs 0.061), per-slot coverage and overlays."""

@@ -203,8 +203,10 @@ def test_logdet_unknown_estimator_is_named():
 # ---------------------------------------------------------------------------------------------- metrics
 from conftest import SHARED_DATA  # noqa: E402
 
-from src.geometry.pu_metrics import (cd_hd, closest_points_on_mesh, farthest_point_sample,  # noqa: E402
-                                     normalize_unit_sphere, point_triangle_distance, read_off, read_xyz)
+from src.geometry.mesh_io import read_mesh, read_xyz  # noqa: E402
+from src.geometry.pu_metrics import (cd_hd, closest_points_on_mesh, normalize_unit_sphere,  # noqa: E402
+                                     point_triangle_distance)
+from src.geometry.sampling import farthest_point_sample  # noqa: E402
 
 PU_GAN = SHARED_DATA / "pu_gan" / "test"
 
@@ -298,7 +300,7 @@ def test_farthest_point_sample_spreads_points():
 @pytest.mark.skipif(not (PU_GAN / "Icosahedron.off").is_file(), reason=f"PU-GAN test meshes not found at {PU_GAN}")
 def test_pu_gan_test_files_load_and_inputs_lie_on_their_meshes():
     for name, n_v, n_f in (("Icosahedron", 2562, 5120), ("fandisk", 2731, 5458)):
-        verts, faces = read_off(PU_GAN / f"{name}.off")
+        verts, faces = read_mesh(PU_GAN / f"{name}.off")
         pts = torch.from_numpy(read_xyz(PU_GAN / f"{name}.xyz"))
         assert verts.shape == (n_v, 3) and faces.shape == (n_f, 3) and pts.shape == (2048, 3)
         d = point_triangle_distance(pts[::8], torch.from_numpy(verts), torch.from_numpy(faces))
@@ -309,7 +311,7 @@ def test_pu_files_bad_input_is_named(tmp_path):
     bad = tmp_path / "bad.off"
     bad.write_text("PLY\n")
     with pytest.raises(ValueError, match="bad.off"):
-        read_off(bad)
+        read_mesh(bad)
     bad_xyz = tmp_path / "bad.xyz"
     bad_xyz.write_text("1 2\n3 4\n")
     with pytest.raises(ValueError, match="bad.xyz"):
@@ -320,7 +322,8 @@ def test_pu_files_bad_input_is_named(tmp_path):
 def test_generated_pu_dataset_in_the_pu_gan_layout(tmp_path):
     import h5py
 
-    from src.data.pu_gan import PUPatches, load_test_shapes, write_pu_dataset
+    from src.data.point_patches import load_test_shapes
+    from src.data.pu_gan import PUPatches, write_pu_dataset
 
     root = write_pu_dataset(tmp_path / "pu", n_meshes=4, patches_per_mesh=3, n_test=1, seed=0)
     with h5py.File(root / "train" / "pu_patches.h5") as f:
@@ -573,6 +576,7 @@ def test_outside_neighbour_hull_finds_points_off_a_plane():
 
 
 # -------------------------------------------------------------------------------------------- training
+@pytest.mark.slow
 def test_pu_inn_smoke_lowers_cd_and_memory_stays_flat(make_cfg, tmp_path):
     """``experiment=pu_inn_smoke`` (200 steps on generated patches, memory callback on): the val patches'
     CD falls below the untrained network's (which already interpolates between neighbours), test/cd and

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from src import kernels
-from src.render import composite, get_rays, intrinsics_from_fov, project_points, render_weights
+from src.geometry.camera import project_points
+from src.render import composite, get_rays, intrinsics_from_fov, render_weights
 
 
 def ragged(counts, seed=0):

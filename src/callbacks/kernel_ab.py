@@ -16,10 +16,10 @@ import os
 import time
 from pathlib import Path
 
-import lightning as L
 import torch
 
 from src import kernels
+from src.callbacks import SummaryCallback
 from src.kernels import parity
 from src.loggers import wandb_loggers
 
@@ -59,7 +59,7 @@ def fast_backend_for(args: tuple) -> tuple[str | None, str]:
     return None, "CPU tensors (set TRITON_INTERPRET=1 to check the Triton kernels on CPU)"
 
 
-class KernelAB(L.Callback):
+class KernelAB(SummaryCallback):
     """Args: out_dir (run dir); step: the training step whose kernel calls are replayed; tol: max abs error
     allowed (values and gradients); fail: raise :class:`KernelMismatchError` above ``tol``; reps: timed runs."""
 

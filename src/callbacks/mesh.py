@@ -11,49 +11,15 @@ import time
 from pathlib import Path
 
 import lightning as L
-import torch
 
-from src.geometry import chamfer_fscore, extract_mesh, sample_surface, write_ply
+from src.callbacks import SummaryCallback
+from src.geometry.meshing import export_mesh, score_against_truth
+from src.models.method import Method
 
 log = logging.getLogger(__name__)
 
 
-def export_mesh(model, datamodule, path: str | Path, resolution: int, block: int = 64) -> tuple:
-    """Triangulate ``model.geometry_field()`` at ``resolution``^3 and write it to ``path`` in world coordinates
-    (``datamodule.to_world`` when the data has one). Returns (vertices, faces) in world coordinates."""
-    geo = model.geometry_field()
-    was_training = model.training
-    model.eval()
-    try:
-        verts, faces = extract_mesh(geo["field"], geo["bound_min"], geo["bound_max"], resolution, geo["level"],
-                                    block=block, device=model.device, inside=geo["inside"])
-    finally:
-        model.train(was_training)
-    to_world = getattr(datamodule, "to_world", None)
-    if to_world is not None and len(verts):
-        verts = to_world(torch.from_numpy(verts)).numpy()
-    write_ply(path, verts, faces)
-    return verts, faces
-
-
-def mesh_metrics(verts, faces, gt: torch.Tensor, n_points: int, threshold: float) -> dict[str, float]:
-    """Chamfer / F-score between ``n_points`` samples of the mesh and the ground-truth points ``gt``."""
-    pred = sample_surface(verts, faces, n_points) if len(faces) else torch.zeros(0, 3, dtype=torch.float64)
-    return chamfer_fscore(pred, gt, threshold)
-
-
-def score_against_truth(verts, faces, datamodule, n_points: int, threshold: float) -> dict[str, float] | None:
-    """:func:`mesh_metrics` against the data's ground-truth surface, plus ``chamfer_floor`` (a second exact
-    sample of the true surface against the first: the metric's resolution); None when the data has none."""
-    gt = getattr(datamodule, "gt_surface", lambda: None)()
-    if gt is None:
-        return None
-    scores = mesh_metrics(verts, faces, gt, n_points, threshold)
-    scores["chamfer_floor"] = chamfer_fscore(datamodule.gt_surface(seed=2), gt, threshold)["chamfer"]
-    return scores
-
-
-class MeshExport(L.Callback):
+class MeshExport(SummaryCallback):
     """Args: resolution: grid vertices per axis (None: the model's ``mesh_resolution``; 0: off).
     n_points: surface samples for the metrics. fscore_threshold: distance counted as correct (world units)."""
 
@@ -64,7 +30,7 @@ class MeshExport(L.Callback):
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         res = self.resolution if self.resolution is not None else pl_module.hparams.get("mesh_resolution", 0)
-        if not res or not hasattr(pl_module, "geometry_field") or not trainer.is_global_zero:
+        if not res or not isinstance(pl_module, Method) or not pl_module.meshes or not trainer.is_global_zero:
             return
         tic = time.perf_counter()
         path = Path(trainer.default_root_dir) / "mesh.ply"

@@ -112,8 +112,7 @@ class ProfilerTable(L.Callback):
         self.wait, self.warmup, self.active, self.start_step = wait, warmup, active, start_step
         self.profile_val, self.val_batches, self.row_limit = profile_val, val_batches, row_limit
         self.record_shapes, self.profile_memory = record_shapes, profile_memory
-        self._prof = None
-        self._val_prof = None
+        self._profs: dict[str, profile | None] = {"train": None, "val": None}  # the open window of each loop
         self._done = {"train": False, "val": False}
         self.tables: dict[str, list[dict]] = {}
         self.phases: dict[str, dict] = {}
@@ -151,12 +150,12 @@ class ProfilerTable(L.Callback):
 
     # ---- training window ------------------------------------------------------------------------
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if self._prof is None and not self._done["train"] and trainer.global_step >= self.start_step:
+        if self._profs["train"] is None and not self._done["train"] and trainer.global_step >= self.start_step:
             sched = schedule(wait=self.wait, warmup=self.warmup, active=self.active, repeat=1)
-            self._prof = self._new(sched)
-            self._prof.__enter__()
+            self._profs["train"] = self._new(sched)
+            self._profs["train"].__enter__()
             self._steps = 0
-        if self._prof is not None:
+        if self._profs["train"] is not None:
             self._open("train")
 
     def _open(self, loop: str) -> None:
@@ -169,47 +168,42 @@ class ProfilerTable(L.Callback):
             self._mark[loop] = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self._prof is None:
+        if self._profs["train"] is None:
             return
         self._close("train")
-        self._prof.step()
+        self._profs["train"].step()
         self._steps += 1
         if self._steps >= self.wait + self.warmup + self.active:
-            self._finish_train(trainer)
+            self._finish("train", trainer)
 
-    def _finish_train(self, trainer) -> None:
-        self._close("train")
-        prof, self._prof = self._prof, None
+    def _finish(self, loop: str, trainer) -> None:
+        """Close ``loop``'s profiling window and write its tables."""
+        self._close(loop)
+        prof, self._profs[loop] = self._profs[loop], None
         prof.__exit__(None, None, None)
-        self._write(prof, "train", trainer)
+        self._write(prof, loop, trainer)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if self._prof is not None:  # the run ended inside the window: write what was recorded
-            self._finish_train(trainer)
+        if self._profs["train"] is not None:  # the run ended inside the window: write what was recorded
+            self._finish("train", trainer)
 
     # ---- validation -----------------------------------------------------------------------------
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
-        if self.profile_val and not self._done["val"] and not trainer.sanity_checking and self._val_prof is None:
-            self._val_prof = self._new()
-            self._val_prof.__enter__()
+        if self.profile_val and not self._done["val"] and not trainer.sanity_checking and self._profs["val"] is None:
+            self._profs["val"] = self._new()
+            self._profs["val"].__enter__()
             self._val_seen = 0
-        if self._val_prof is not None:
+        if self._profs["val"] is not None:
             self._open("val")
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        if self._val_prof is None:
+        if self._profs["val"] is None:
             return
         self._close("val")
         self._val_seen += 1
         if self._val_seen >= self.val_batches:
-            self._finish_val(trainer)
+            self._finish("val", trainer)
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        if self._val_prof is not None:
-            self._finish_val(trainer)
-
-    def _finish_val(self, trainer) -> None:
-        self._close("val")
-        prof, self._val_prof = self._val_prof, None
-        prof.__exit__(None, None, None)
-        self._write(prof, "val", trainer)
+        if self._profs["val"] is not None:
+            self._finish("val", trainer)

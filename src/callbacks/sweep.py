@@ -18,9 +18,36 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from src.metrics import higher_is_better, key_metrics
-
 log = logging.getLogger(__name__)
+
+
+# ---- which scores a method is judged by ---------------------------------------------------------------
+#: name fragments of scores where larger is better (everything else - Chamfer, HD, P2F, EMD, LPIPS, losses,
+#: seconds, megabytes - is better smaller)
+HIGHER_IS_BETTER = ("psnr", "ssim", "fscore", "precision", "recall", "it_s", "rays_s", "slots_used")
+
+
+def higher_is_better(metric: str) -> bool:
+    return any(part in metric.split("/")[-1] for part in HIGHER_IS_BETTER)
+
+
+def key_metrics(model_target: str) -> tuple[str, ...]:
+    """The scores a method is judged by (its class's ``key_metrics``; the first is what a sweep optimises by
+    default), from the ``_target_`` of its config."""
+    from hydra.utils import get_class
+
+    from src.models.method import Method
+
+    try:
+        cls = get_class(model_target)
+    except Exception:  # noqa: BLE001 - a class that no longer imports: the default scores of a method
+        return Method.key_metrics
+    return tuple(cls.key_metrics) if isinstance(cls, type) and issubclass(cls, Method) else Method.key_metrics
+
+
+def optimized_metric(cfg) -> str:
+    """``optimized_metric`` when set, else the method's first key metric."""
+    return cfg.get("optimized_metric") or key_metrics(cfg.model._target_)[0]
 
 
 def _mmss(seconds) -> str:

@@ -1,8 +1,8 @@
 """Throughput: iterations/s and rays/s (progress bar and logs), per training stage, as NeRF and NeuS training
 logs report them.
 
-Rays per step come from the module's ``rays_per_step`` (e.g. DVGO's ``n_rand``); stages from its
-``stage_name`` when it has one. Test-time render seconds per image are logged by the render mixin
+Rays per step and stages come from the method (:class:`src.models.method.Method`: ``rays_per_step``, e.g. DVGO's
+``n_rand``, and ``stage_name``). Test-time render seconds per image are logged by the ray methods
 (``test/render_s_per_img``). ``summary()`` adds ``throughput/*`` keys to ``metrics.json``.
 """
 from __future__ import annotations
@@ -10,11 +10,12 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 
-import lightning as L
 import torch
 
+from src.callbacks import SummaryCallback
+from src.models.method import Method
 
-class Throughput(L.Callback):
+class Throughput(SummaryCallback):
     def __init__(self, window: int = 20) -> None:
         self.window = window
         self._tic = 0.0
@@ -35,12 +36,13 @@ class Throughput(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._sync(pl_module)
         dt = time.perf_counter() - self._tic
-        stage = getattr(pl_module, "stage_name", "train")
+        method = pl_module if isinstance(pl_module, Method) else None  # any LightningModule works; a Method says more
+        stage = method.stage_name if method is not None else "train"
         self.stage_time[stage] += dt
         self.stage_steps[stage] += 1
         self._recent = (self._recent + [dt])[-self.window:]
         it_s = len(self._recent) / sum(self._recent)
-        self.rays_per_step = getattr(pl_module, "rays_per_step", None)
+        self.rays_per_step = method.rays_per_step if method is not None else None
         stats = {"perf/it_s": it_s}
         if self.rays_per_step:
             stats["perf/rays_s"] = it_s * self.rays_per_step

@@ -1,20 +1,43 @@
-"""LightningDataModule for posed-image scenes on disk (Blender layout), including the generated scene."""
+"""LightningDataModules for posed-image scenes on disk (Blender, LLFF and NeuS layouts, and the generated scenes in
+each), and :class:`RayScene`, what the ray methods use of them."""
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Protocol
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from src.data.blender import Views, load_split
-from src.data.errors import DataError, missing_root
+from src.data.errors import missing_root
 from src.data.rays import RayBank
 from src.render.rays import get_rays
 
 log = logging.getLogger(__name__)
+
+
+class RayScene(Protocol):
+    """What a ray method (:class:`src.models.rendering.RayMethod`) and the mesh export use of their data: posed
+    views per split, the ray bank to draw training rays from, ray bounds and background, the rays' warp (NDC for
+    forward-facing scenes), the video's camera path, and the world frame and exact surface for meshes."""
+
+    near: float
+    far: float
+    splits: dict[str, Views]
+    train_rays: RayBank | None
+
+    @property
+    def background(self) -> float: ...
+
+    def ray_fn(self, rays_o: torch.Tensor, rays_d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def render_poses(self, n_frames: int) -> torch.Tensor | None: ...
+
+    def to_world(self, points: torch.Tensor) -> torch.Tensor: ...
+
+    def gt_surface(self, seed: int = 1) -> torch.Tensor | None: ...
 
 
 class StepTicker(IterableDataset):
@@ -120,8 +143,13 @@ class BlenderDataModule(L.LightningDataModule):
                 stride = self.test_stride or (self.stride[split] if split == "test" else 1)
                 self.splits["test"] = load_split(self.root, split, self.downscale, self.white_bkgd, stride)
 
-    def ray_fn(self, rays_o: torch.Tensor, rays_d: torch.Tensor):
+    def ray_fn(self, rays_o: torch.Tensor, rays_d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rays the model sees (identity; NDC for forward-facing scenes)."""
         return rays_o, rays_d
+
+    def to_world(self, points: torch.Tensor) -> torch.Tensor:
+        """The model's coordinates to the data's world coordinates (identity; NeuS scenes scale back)."""
+        return points
 
     def render_poses(self, n_frames: int) -> torch.Tensor:
         """The camera path for videos: a full orbit of the first test camera about the scene's up axis through

@@ -20,6 +20,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
 from src.data.errors import DataError, missing_root
+from src.data.generate import write_once
 from src.geometry.rotation import random_rotation
 
 INTRINSIC_KEYS = ("fx", "fy", "cx", "cy")
@@ -34,12 +35,6 @@ def depth_to_points(depth: torch.Tensor, fx: float, fy: float, cx: float, cy: fl
     z = depth[valid]
     pts = torch.stack([(u[valid] + 0.5 - cx) * z / fx, (v[valid] + 0.5 - cy) * z / fy, z], -1)
     return pts, valid.flatten().nonzero()[:, 0]
-
-
-def project_points(points: torch.Tensor, fx: float, fy: float, cx: float, cy: float) -> torch.Tensor:
-    """Camera-frame points (..., 3) -> pixel coordinates (..., 2) (u, v); the inverse of :func:`depth_to_points`."""
-    z = points[..., 2].clamp_min(1e-6)
-    return torch.stack([points[..., 0] * fx / z + cx - 0.5, points[..., 1] * fy / z + cy - 0.5], -1)
 
 
 def read_depth(path: Path, depth_scale: float) -> torch.Tensor:
@@ -217,7 +212,6 @@ def write_depth_scenes(root: str | Path, n_train: int = 512, n_val: int = 4, n_t
     """Scenes of 1..max_primitives ellipsoids and boxes rendered to depth: ``{split}/{i:04d}.png`` 16-bit in
     millimetres, ``intrinsics.json`` (a 53-degree field of view), ``primitives.json`` (the true primitives of
     every map); skipped when an identical set is there."""
-    from src.data.generate import _write_once
 
     params = {"format": "depth", "n_train": n_train, "n_val": n_val, "n_test": n_test, "image_size": image_size,
               "max_primitives": max_primitives, "seed": seed, "version": 2}
@@ -237,4 +231,4 @@ def write_depth_scenes(root: str | Path, n_train: int = 512, n_val: int = 4, n_t
         (tmp / "intrinsics.json").write_text(json.dumps(intrinsics, indent=1))
         (tmp / "primitives.json").write_text(json.dumps(truth))
 
-    return _write_once(Path(root), params, fill)
+    return write_once(Path(root), params, fill)

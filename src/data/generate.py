@@ -70,7 +70,7 @@ def render_view(scene: Scene, c2w: torch.Tensor, size: int, supersample: int) ->
     return torch.cat([straight, a], -1).numpy()
 
 
-def _write_once(root: Path, params: dict, fill: Callable[[Path], None]) -> Path:
+def write_once(root: Path, params: dict, fill: Callable[[Path], None]) -> Path:
     """Write a generated dataset to ``root`` unless an identical one (same ``scene.json``) is there: ``fill``
     writes into a per-process temporary folder renamed into place, so concurrent writers (DDP ranks) and
     interrupted runs never leave a half-written scene."""
@@ -122,7 +122,7 @@ def write_blender(root: str | Path, image_size: int, n_train: int, n_val: int, n
             (tmp / f"transforms_{split}.json").write_text(
                 json.dumps({"camera_angle_x": CAMERA_ANGLE_X, "frames": frames}, indent=1))
 
-    return _write_once(Path(root), params, fill)
+    return write_once(Path(root), params, fill)
 
 
 def forward_facing_cameras(n: int, distance: float = CAMERA_RADIUS, spread: float = 0.6) -> list[torch.Tensor]:
@@ -163,7 +163,7 @@ def write_llff(root: str | Path, image_size: int, n_views: int, supersample: int
                                         [max(depth - 1.6, 0.1), depth + 1.6]]))
         np.save(tmp / "poses_bounds.npy", np.stack(rows))
 
-    return _write_once(Path(root), params, fill)
+    return write_once(Path(root), params, fill)
 
 
 NEUS_SCALE = 1.2  # radius of the sphere (world units) that the NeuS layout's scale_mat maps to the unit sphere
@@ -198,4 +198,4 @@ def write_neus(root: str | Path, image_size: int, n_views: int, supersample: int
             cams[f"scale_mat_{i}"] = scale_mat.numpy()
         np.savez(tmp / "cameras_sphere.npz", **cams)
 
-    return _write_once(Path(root), params, fill)
+    return write_once(Path(root), params, fill)

@@ -12,7 +12,7 @@ points a mesh, 1024-point patches) a patch is an eighth of the surface, as a 256
 The sparse input (``input_points`` of the patch) is drawn afresh for every item: ``nonuniform`` is PU-GAN's
 ``nonuniform_sampling`` (indices normally distributed, sigma 0.3 of the patch, around a random place in the
 patch's distance-to-seed order, so the density falls off across the patch as in PU-GAN's inputs), ``random`` a
-uniform random subset (PU-Flow), ``fps`` a farthest-point subset (even: the old generated patches' way). The
+uniform random subset (PU-Flow), ``fps`` a farthest-point subset (even). The
 draw is a pure function of (seed, item number): the same run draws the same inputs, resumed or not.
 
 The patches are cached on disk on first use (``cache_dir``, one file per setting and mesh set, named by a hash
@@ -28,54 +28,18 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from src.data.errors import DataError, missing_root
-from src.data.pu_gan import augment, load_test_shapes
-from src.geometry.pu_metrics import farthest_point_sample, normalize_unit_sphere
+from src.data.point_patches import PatchDraws, check_normalize, draw_input, load_test_shapes
+from src.geometry.mesh_io import MESH_SUFFIXES, read_mesh
+from src.geometry.pu_metrics import normalize_unit_sphere
+from src.geometry.sampling import even_surface_sample, farthest_point_sample
 
 log = logging.getLogger(__name__)
 
-MESH_SUFFIXES = (".obj", ".off", ".ply")
 CACHE_VERSION = 2  # 2: with the mesh normals
 FALLBACK_CACHE = Path.home() / ".cache" / "neural3d" / "patch_cache"  # when the data folder is read-only
-
-
-def read_mesh(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """Vertices (V, 3) float64 and triangles (F, 3) int64 of an OBJ / OFF / PLY file (quads and polygons
-    triangulated by trimesh); a file that is not a usable triangle mesh raises :class:`DataError` naming it."""
-    import trimesh
-
-    path = Path(path)
-    if path.suffix.lower() not in MESH_SUFFIXES:
-        raise DataError(f"{path}: not a mesh file this loader reads ({', '.join(MESH_SUFFIXES)})")
-    try:
-        mesh = trimesh.load(path, force="mesh", process=False)
-    except Exception as err:  # noqa: BLE001 - trimesh raises many types for bad files: name the file
-        raise DataError(f"{path}: cannot read the mesh ({type(err).__name__}: {err})") from err
-    verts = np.asarray(getattr(mesh, "vertices", np.zeros((0, 3))), dtype=np.float64)
-    faces = np.asarray(getattr(mesh, "faces", np.zeros((0, 3))), dtype=np.int64)
-    if len(faces) == 0 or len(verts) < 3:
-        raise DataError(f"{path}: no triangles in the file ({len(verts)} vertices, {len(faces)} faces)")
-    if not np.isfinite(verts).all():
-        raise DataError(f"{path}: non-finite vertex coordinates")
-    area = np.linalg.norm(np.cross(verts[faces[:, 1]] - verts[faces[:, 0]], verts[faces[:, 2]] - verts[faces[:, 0]]), axis=1)
-    if not area.sum() > 0:
-        raise DataError(f"{path}: every triangle is degenerate (zero area)")
-    return verts, faces
-
-
-def even_points(verts: np.ndarray, faces: np.ndarray, n: int, seed: int, oversample: int = 4,
-                return_normals: bool = False):
-    """``n`` even samples of a mesh: ``oversample * n`` area-uniform samples thinned by farthest-point sampling
-    (started at a seeded random sample), (n, 3) float32; with ``return_normals`` also each point's triangle's unit
-    normal (n, 3)."""
-    from src.geometry.mesh import sample_surface
-
-    dense, normals = (t.float() for t in sample_surface(verts, faces, oversample * n, seed=seed, return_normals=True))
-    start = int(torch.randint(oversample * n, (1,), generator=torch.Generator().manual_seed(seed)))
-    keep = farthest_point_sample(dense, n, start=start)
-    return (dense[keep], normals[keep]) if return_normals else dense[keep]
 
 
 def mesh_patches(verts: np.ndarray, faces: np.ndarray, points_per_mesh: int, patches_per_mesh: int,
@@ -85,98 +49,11 @@ def mesh_patches(verts: np.ndarray, faces: np.ndarray, points_per_mesh: int, pat
     surface term of the loss measures distances along them)."""
     centre = (verts.max(0) + verts.min(0)) / 2
     verts = (verts - centre) / np.linalg.norm(verts - centre, axis=1).max()  # the mesh's own unit sphere
-    cloud, normals = even_points(verts, faces, points_per_mesh, seed, return_normals=True)
+    cloud, normals = even_surface_sample(verts, faces, points_per_mesh, oversample=4, seed=seed, start=None,
+                                         dtype=torch.float32, return_normals=True)
     seeds = farthest_point_sample(cloud, patches_per_mesh, start=seed % points_per_mesh)
     near = torch.cdist(cloud[seeds], cloud).topk(patch_points, largest=False).indices  # sorted: nearest first
     return torch.stack([normalize_unit_sphere(cloud[idx])[0] for idx in near]), normals[near]
-
-
-def draw_input(patch_points: int, input_points: int, mode: str, generator: torch.Generator,
-               patch: torch.Tensor | None = None) -> torch.Tensor:
-    """Indices (input_points,) of the sparse input within a patch of ``patch_points`` (ordered by distance to its
-    seed): ``nonuniform`` (PU-GAN), ``random`` or ``fps`` (needs ``patch``)."""
-    if mode == "random":
-        return torch.randperm(patch_points, generator=generator)[:input_points]
-    if mode == "fps":
-        start = int(torch.randint(patch_points, (1,), generator=generator))
-        return farthest_point_sample(patch, input_points, start=start)
-    if mode != "nonuniform":
-        raise ValueError(f"data.input_sampling must be nonuniform, random or fps, got {mode!r}")
-    # PU-GAN's nonuniform_sampling: loc ~ U(0.1, 0.9), indices ~ N(loc, 0.3) x n, distinct, inside the patch
-    loc = float(torch.rand((), generator=generator)) * 0.8 + 0.1
-    taken = torch.zeros(patch_points, dtype=torch.bool)
-    picked: list[torch.Tensor] = []
-    count = 0
-    while count < input_points:
-        a = ((torch.randn(4 * input_points, generator=generator) * 0.3 + loc) * patch_points).floor().long()
-        a = a[(a >= 0) & (a < patch_points)]
-        for i in a.tolist():  # first occurrences, in draw order (as PU-GAN's set fills)
-            if not taken[i]:
-                taken[i] = True
-                picked.append(i)
-                count += 1
-                if count == input_points:
-                    break
-    return torch.tensor(picked, dtype=torch.long)
-
-
-NORMALIZE = ("input", "target")
-
-
-def check_normalize(normalize: str) -> str:
-    """``data.normalize`` if it names a frame of :data:`NORMALIZE`, else a ValueError naming the key."""
-    if normalize not in NORMALIZE:
-        raise ValueError(f"data.normalize must be one of {', '.join(NORMALIZE)}, got {normalize!r}")
-    return normalize
-
-
-class PatchDraws(Dataset):
-    """Items ``j = 0, 1, 2, ...`` over patches (N, patch_points, 3): item j is patch ``perm_e[j mod N]`` (a fresh
-    permutation each pass ``e = j // N``) with an input drawn for that item alone, both from ``(seed, j)``.
-    ``passes``: how many passes the dataset spans (its length is ``passes * N``). ``normalize``: the frame of
-    the pair, ``input`` (the sparse input's centroid and furthest distance, after augmentation: the frame a test
-    patch is upsampled in, where only the input is known) or ``target`` (the dense patch's unit sphere, as PU-GAN's
-    loader; a non-uniform input then spans less than the unit sphere). ``normals``: the patches' unit normals
-    (their shape), rotated with the augmentation and handed on as each item's ``normals``."""
-
-    def __init__(self, patches: torch.Tensor, input_points: int, mode: str, seed: int, augment: bool,
-                 passes: int = 1, shuffle: bool = True, normalize: str = "input",
-                 normals: torch.Tensor | None = None) -> None:
-        self.patches, self.input_points, self.mode, self.seed = patches, int(input_points), mode, int(seed)
-        if normals is not None and normals.shape != patches.shape:
-            raise ValueError(f"normals {tuple(normals.shape)} must match the patches {tuple(patches.shape)}")
-        self.normals = normals
-        self.augment, self.passes, self.shuffle = augment, int(passes), shuffle
-        self.normalize = check_normalize(normalize)
-        self._perm: tuple[int, torch.Tensor] | None = None
-        draw_input(patches.shape[1], min(4, patches.shape[1]), mode, torch.Generator().manual_seed(0), patches[0])
-
-    def __len__(self) -> int:
-        return self.passes * self.patches.shape[0]
-
-    def patch_of(self, j: int) -> int:
-        n = self.patches.shape[0]
-        if not self.shuffle:
-            return j % n
-        e = j // n
-        if self._perm is None or self._perm[0] != e:
-            self._perm = (e, torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 7_919 + e)))
-        return int(self._perm[1][j % n])
-
-    def __getitem__(self, j: int) -> dict[str, torch.Tensor]:
-        i = self.patch_of(j)
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + j)
-        dense = self.patches[i]
-        normals = None if self.normals is None else self.normals[i]
-        sparse = dense[draw_input(dense.shape[0], self.input_points, self.mode, g, dense)]
-        if self.augment:
-            sparse, dense, *rest = augment(sparse, dense, g, normals)
-            normals = rest[0] if rest else None
-        if self.normalize == "input":
-            sparse, centre, scale = normalize_unit_sphere(sparse)
-            dense = (dense - centre) / scale
-        item = {"sparse": sparse, "dense": dense, "index": i}
-        return item if normals is None else {**item, "normals": normals}
 
 
 def nn_spacing_cv(points: torch.Tensor) -> float:

@@ -20,9 +20,13 @@ import torch
 from torch.utils.data import Dataset
 
 from src.data.errors import DataError, missing_root
-from src.geometry.mesh import icosphere, sample_surface
-from src.geometry.pu_metrics import farthest_point_sample, normalize_unit_sphere
+from src.data.generate import write_once
+from src.data.point_patches import PatchDraws, augment, check_normalize, draw_input, load_test_shapes  # noqa: F401
+from src.geometry.mesh import icosphere
+from src.geometry.mesh_io import write_mesh
+from src.geometry.pu_metrics import normalize_unit_sphere
 from src.geometry.rotation import random_rotation
+from src.geometry.sampling import even_surface_sample, farthest_point_sample, sample_surface
 
 
 # ---------------------------------------------------------------------------------------------- meshes
@@ -82,24 +86,11 @@ def generated_meshes(n: int, seed: int = 0) -> list[tuple[str, np.ndarray, np.nd
     return out
 
 
-def even_points(verts, faces, n: int, seed: int, oversample: int = 4) -> torch.Tensor:
-    dense = sample_surface(verts, faces, oversample * n, seed=seed)
-    return dense[farthest_point_sample(dense, n, start=seed % (oversample * n))]
-
-
-def write_off(path: Path, verts: np.ndarray, faces: np.ndarray) -> None:
-    lines = ["OFF", f"{len(verts)} {len(faces)} 0"] + [f"{x:.6f} {y:.6f} {z:.6f}" for x, y, z in verts]
-    lines += [f"3 {a} {b} {c}" for a, b, c in faces]
-    path.write_text("\n".join(lines) + "\n")
-
-
 def write_pu_dataset(root: str | Path, n_meshes: int = 8, patches_per_mesh: int = 16, n_test: int = 2,
                      seed: int = 0, n_test_points: int = 2048) -> Path:
     """The generated PU-GAN layout under ``root``: ``train/pu_patches.h5`` and ``test/<name>.{off,xyz}``;
     skipped when an identical copy is there."""
     import h5py
-
-    from src.data.generate import _write_once
 
     params = {"format": "pu_gan", "n_meshes": n_meshes, "patches_per_mesh": patches_per_mesh, "n_test": n_test,
               "seed": seed, "n_test_points": n_test_points, "version": 2}
@@ -121,24 +112,15 @@ def write_pu_dataset(root: str | Path, n_meshes: int = 8, patches_per_mesh: int 
             f.create_dataset("poisson_256", data=np.stack(sparse).astype(np.float32))
             f.create_dataset("poisson_1024", data=np.stack(dense).astype(np.float32))
         for name, verts, faces in generated_meshes(n_test, seed + 1000):
-            write_off(tmp / "test" / f"{name}.off", verts, faces)
-            np.savetxt(tmp / "test" / f"{name}.xyz", even_points(verts, faces, n_test_points, seed).numpy(), fmt="%.6f")
+            write_mesh(tmp / "test" / f"{name}.off", verts, faces, digits=6)
+            test_input = even_surface_sample(verts, faces, n_test_points, oversample=4, seed=seed,
+                                             start=seed % (4 * n_test_points))
+            np.savetxt(tmp / "test" / f"{name}.xyz", test_input.numpy(), fmt="%.6f")
 
-    return _write_once(Path(root), params, fill)
+    return write_once(Path(root), params, fill)
 
 
 # ---------------------------------------------------------------------------------------------- loading
-def augment(sparse: torch.Tensor, dense: torch.Tensor, g: torch.Generator, normals: torch.Tensor | None = None):
-    """PU-GAN's augmentation: a random rotation, scaling in [0.8, 1.2], input jitter (sigma 0.005, clip 0.015).
-    -> (sparse, dense), and with ``normals`` (the dense points' unit normals) those rotated with them third."""
-    q, r = torch.linalg.qr(torch.randn(3, 3, generator=g))
-    rot = q * torch.sign(torch.diagonal(r))
-    s = float(torch.empty(1).uniform_(0.8, 1.2, generator=g))
-    sparse, dense = sparse @ rot.T * s, dense @ rot.T * s
-    sparse = sparse + (torch.randn(sparse.shape, generator=g) * 0.005).clamp(-0.015, 0.015)
-    return (sparse, dense) if normals is None else (sparse, dense, normals @ rot.T)
-
-
 class PUPatches(Dataset):
     """Training pairs from a PU-GAN HDF5 file: (input (256, 3), target (1024, 3)), both normalised by the
     target's centroid and furthest distance. ``augment``: PU-GAN's random rotation, scaling (0.8-1.2) and
@@ -176,25 +158,6 @@ class PUPatches(Dataset):
         return {"sparse": sparse, "dense": dense, "index": i}
 
 
-def load_test_shapes(folder: str | Path) -> list[dict]:
-    """Every ``<name>.xyz`` input with its ``<name>.off`` mesh in ``folder``."""
-    from src.geometry.pu_metrics import read_off, read_xyz
-
-    folder = Path(folder)
-    inputs = sorted(folder.glob("*.xyz"))
-    if not inputs:
-        raise DataError(f"no .xyz inputs in {folder}")
-    shapes = []
-    for xyz in inputs:
-        off = xyz.with_suffix(".off")
-        if not off.is_file():
-            raise DataError(f"{xyz}: its mesh {off.name} is missing")
-        verts, faces = read_off(off)
-        shapes.append({"name": xyz.stem, "input": torch.from_numpy(read_xyz(xyz)).float(), "verts": verts,
-                       "faces": faces})
-    return shapes
-
-
 class PUGANDataModule(L.LightningDataModule):
     """PU-GAN layout at ``root``: ``train/<train_file>`` (HDF5 patches) and ``test/*.xyz`` + ``*.off``; with
     ``generate`` set, the generated dataset is written there first. The last ``val_fraction`` of the patches
@@ -216,8 +179,6 @@ class PUGANDataModule(L.LightningDataModule):
                  test_root: str | None = None, input_sampling: str = "random", input_points: int = 256,
                  normalize: str = "input") -> None:
         super().__init__()
-        from src.data.mesh_patches import check_normalize, draw_input
-
         if input_sampling != "file":
             draw_input(8, 4, input_sampling, torch.Generator().manual_seed(0), torch.zeros(8, 3))  # names a bad mode
         self.input_sampling, self.input_points = input_sampling, int(input_points)
@@ -249,8 +210,6 @@ class PUGANDataModule(L.LightningDataModule):
                 self.train_set = torch.utils.data.Subset(train, idx[:-n_val].tolist())
                 self.val_set = torch.utils.data.Subset(full, idx[-n_val:].tolist())
             else:
-                from src.data.mesh_patches import PatchDraws
-
                 dense = torch.stack([normalize_unit_sphere(d)[0] for d in full.dense])
                 self.train_set = PatchDraws(dense[:-n_val], self.input_points, self.input_sampling, self.seed,
                                             self.augment, passes=10**6, normalize=self.normalize)

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 
 def triton_available() -> bool:
+    """Whether the ``triton`` package is importable (looked up once)."""
     if "available" not in _TRITON:
         _TRITON["available"] = importlib.util.find_spec("triton") is not None
     return bool(_TRITON["available"])
@@ -84,6 +85,7 @@ def used_backends() -> dict[str, str]:
 
 @contextlib.contextmanager
 def use_backend(backend: str, **per_op: str | None) -> Iterator[None]:
+    """:func:`set_backend` inside a ``with`` block; the previous backends (and their guard state) come back after."""
     saved, saved_used, saved_guard = dict(_ACTIVE), dict(_USED), dict(_GUARD)
     try:
         set_backend(backend, **per_op)
@@ -160,35 +162,50 @@ def _call(op: str, *args):
     return _impl(op, args)(*args)
 
 
-def raw2alpha(density, shift, interval):
+def raw2alpha(density: torch.Tensor, shift: float | torch.Tensor, interval: float) -> torch.Tensor:
+    """:func:`src.kernels.reference.raw2alpha` on the backend chosen for it (its docstring is copied here)."""
     return _call("raw2alpha", density, shift, interval)
 
 
-def alpha_to_weights(alpha, ray_id, n_rays, stop_T=0.0):
+def alpha_to_weights(alpha: torch.Tensor, ray_id: torch.Tensor, n_rays: int,
+                     stop_T: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`src.kernels.reference.alpha_to_weights` on the backend chosen for it (its docstring is copied here)."""
     return _call("alpha_to_weights", alpha, ray_id, n_rays, stop_T)
 
 
-def segment_sum(values, ray_id, n_rays):
+def segment_sum(values: torch.Tensor, ray_id: torch.Tensor, n_rays: int) -> torch.Tensor:
+    """:func:`src.kernels.reference.segment_sum` on the backend chosen for it (its docstring is copied here)."""
     return _call("segment_sum", values, ray_id, n_rays)
 
 
-def ray_aabb(rays_o, rays_d, xyz_min, xyz_max, near, far):
+def ray_aabb(rays_o: torch.Tensor, rays_d: torch.Tensor, xyz_min: torch.Tensor, xyz_max: torch.Tensor, near: float,
+             far: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`src.kernels.reference.ray_aabb` on the backend chosen for it (its docstring is copied here)."""
     return _call("ray_aabb", rays_o, rays_d, xyz_min, xyz_max, near, far)
 
 
-def sample_pts_on_rays(rays_o, rays_d, xyz_min, xyz_max, near, far, stepdist):
+def sample_pts_on_rays(rays_o: torch.Tensor, rays_d: torch.Tensor, xyz_min: torch.Tensor, xyz_max: torch.Tensor,
+                       near: float, far: float, stepdist: float) -> dict[str, torch.Tensor]:
+    """:func:`src.kernels.reference.sample_pts_on_rays` on the backend chosen for it (its docstring is copied here)."""
     return _call("sample_pts_on_rays", rays_o, rays_d, xyz_min, xyz_max, near, far, stepdist)
 
 
-def total_variation_add_grad(param, grad, wx, wy, wz, dense_mode):
+def total_variation_add_grad(param: torch.Tensor, grad: torch.Tensor, wx: float, wy: float, wz: float,
+                             dense_mode: bool) -> torch.Tensor:
+    """:func:`src.kernels.reference.total_variation_add_grad` on the backend chosen for it (its docstring is copied here)."""
     return _call("total_variation_add_grad", param, grad, wx, wy, wz, dense_mode)
 
 
-def distortion_loss(weights, s, interval, ray_id, n_rays):
+def distortion_loss(weights: torch.Tensor, s: torch.Tensor, interval: float | torch.Tensor, ray_id: torch.Tensor,
+                    n_rays: int) -> torch.Tensor:
+    """:func:`src.kernels.reference.distortion_loss` on the backend chosen for it (its docstring is copied here)."""
     return _call("distortion_loss", weights, s, interval, ray_id, n_rays)
 
 
-def grid_adam_step(param, grad, exp_avg, exp_avg_sq, beta1, beta2, eps, step_size, skip_zero_grad, per_lr):
+def grid_adam_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                   beta1: float, beta2: float, eps: float, step_size: float, skip_zero_grad: bool,
+                   per_lr: torch.Tensor | None) -> None:
+    """:func:`src.kernels.reference.grid_adam_step` on the backend chosen for it (its docstring is copied here)."""
     return _call("grid_adam_step", param, grad, exp_avg, exp_avg_sq, beta1, beta2, eps, step_size, skip_zero_grad,
                  per_lr)
 

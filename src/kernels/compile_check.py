@@ -32,7 +32,7 @@ def _attrs(backend, variant) -> dict:
     return {(i,): parse("D") for i, t in enumerate(variant.types) if t.startswith("*")}
 
 
-def compile_variant(variant, arch: int, exact: bool | None = None) -> dict:
+def compile_variant(variant: object, arch: int, exact: bool | None = None) -> dict:
     """Compile one variant for ``sm_<arch>``; ``exact`` (default: the variant's options disable fp fusion)
     also requires PTX free of fused multiply-adds and approximate division."""
     import triton
@@ -68,6 +68,7 @@ def compile_variant(variant, arch: int, exact: bool | None = None) -> dict:
 
 
 def check(archs: list[int]) -> list[dict]:
+    """Compile every launched kernel variant for each compute capability in ``archs``: one result row each."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("compile_check needs compiled kernels: run it without TRITON_INTERPRET=1")
     from src.kernels import triton_ops
@@ -76,6 +77,7 @@ def check(archs: list[int]) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line: compile, print the table, exit non-zero on any failure."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="80,90", help="compute capabilities, comma separated (80 = A100, 90 = H100/H200)")
     parser.add_argument("--json", action="store_true", help="one JSON list of rows on stdout")

@@ -13,6 +13,7 @@ matched by (ray, step) before their points are compared. Integer outputs must ot
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -22,6 +23,7 @@ BOUNDARY_OPS = {"ray_aabb", "sample_pts_on_rays", "alpha_to_weights"}
 
 
 def tolerance(dtype: torch.dtype) -> tuple[float, float]:
+    """(relative, absolute) tolerance of a fast kernel against the reference in ``dtype``."""
     return (1e-9, 1e-11) if dtype == torch.float64 else (1e-4, 1e-5)
 
 
@@ -30,7 +32,8 @@ def fresh(args: tuple) -> tuple:
     return tuple(a.detach().clone().requires_grad_(a.requires_grad) if torch.is_tensor(a) else a for a in args)
 
 
-def tensors(x) -> list[torch.Tensor]:
+def tensors(x: object) -> list[torch.Tensor]:
+    """The tensors in ``x`` (a tensor, or dicts / tuples / lists of them, dict keys in order), flattened."""
     if torch.is_tensor(x):
         return [x]
     if isinstance(x, dict):
@@ -40,7 +43,7 @@ def tensors(x) -> list[torch.Tensor]:
     return []
 
 
-def run(fn, op: str, args: tuple) -> dict:
+def run(fn: Callable, op: str, args: tuple) -> dict:
     """``fn(*args)`` on fresh copies: outputs (as returned, detached), changed state, input gradients.
 
     For a differentiable op every floating tensor input is made a leaf that requires grad, and the

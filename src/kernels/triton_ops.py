@@ -160,7 +160,8 @@ class _Raw2Alpha(torch.autograd.Function):
         return grad_in, None, None
 
 
-def raw2alpha(density, shift, interval):
+def raw2alpha(density: torch.Tensor, shift: float | torch.Tensor, interval: float) -> torch.Tensor:
+    """The Triton kernel of :func:`src.kernels.reference.raw2alpha`: the same contract, CUDA tensors."""
     return _Raw2Alpha.apply(density, float(shift), float(interval))
 
 
@@ -232,7 +233,9 @@ class _AlphaToWeights(torch.autograd.Function):
         return galpha, None, None, None
 
 
-def alpha_to_weights(alpha, ray_id, n_rays, stop_T=0.0):
+def alpha_to_weights(alpha: torch.Tensor, ray_id: torch.Tensor, n_rays: int,
+                     stop_T: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Triton kernel of :func:`src.kernels.reference.alpha_to_weights`: the same contract, CUDA tensors."""
     return _AlphaToWeights.apply(alpha, ray_id, n_rays, float(stop_T))
 
 
@@ -272,7 +275,8 @@ class _SegmentSum(torch.autograd.Function):
         return grad_out[ray_id], None, None  # a gather: one torch indexing op is already optimal
 
 
-def segment_sum(values, ray_id, n_rays):
+def segment_sum(values: torch.Tensor, ray_id: torch.Tensor, n_rays: int) -> torch.Tensor:
+    """The Triton kernel of :func:`src.kernels.reference.segment_sum`: the same contract, CUDA tensors."""
     return _SegmentSum.apply(values, ray_id, n_rays)
 
 
@@ -307,7 +311,9 @@ def _box(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.to(device=like.device, dtype=like.dtype).contiguous()  # no copy when it already is
 
 
-def ray_aabb(rays_o, rays_d, xyz_min, xyz_max, near, far):
+def ray_aabb(rays_o: torch.Tensor, rays_d: torch.Tensor, xyz_min: torch.Tensor, xyz_max: torch.Tensor, near: float,
+             far: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Triton kernel of :func:`src.kernels.reference.ray_aabb`: the same contract, CUDA tensors."""
     o, d = rays_o.contiguous(), rays_d.contiguous()
     _check_dtype(o)
     n = o.shape[0]
@@ -347,7 +353,9 @@ def _sample_kernel(o_ptr, d_ptr, lo_ptr, hi_ptr, tmin_ptr, dt_ptr, starts_ptr, n
         tl.store(inside_ptr + i, inside.to(tl.int8), mask=m)
 
 
-def sample_pts_on_rays(rays_o, rays_d, xyz_min, xyz_max, near, far, stepdist):
+def sample_pts_on_rays(rays_o: torch.Tensor, rays_d: torch.Tensor, xyz_min: torch.Tensor, xyz_max: torch.Tensor,
+                       near: float, far: float, stepdist: float) -> dict[str, torch.Tensor]:
+    """The Triton kernel of :func:`src.kernels.reference.sample_pts_on_rays`: the same contract, CUDA tensors."""
     o, d = rays_o.contiguous(), rays_d.contiguous()
     t_min, t_max, hit = ray_aabb(o, d, xyz_min, xyz_max, near, far)
     dt, n_steps = ray_steps(d, t_min, t_max, hit, stepdist)  # the reference's own counts
@@ -396,7 +404,9 @@ def _tv_kernel(p_ptr, g_ptr, wx: tl.float64, wy: tl.float64, wz: tl.float64, X, 
         tl.store(g_ptr + i, g + add, mask=m & (g != 0.0))
 
 
-def total_variation_add_grad(param, grad, wx, wy, wz, dense_mode):
+def total_variation_add_grad(param: torch.Tensor, grad: torch.Tensor, wx: float, wy: float, wz: float,
+                             dense_mode: bool) -> torch.Tensor:
+    """The Triton kernel of :func:`src.kernels.reference.total_variation_add_grad`: the same contract, CUDA tensors."""
     if not (param.is_contiguous() and grad.is_contiguous()):
         raise ValueError("total_variation_add_grad: param and grad must be contiguous")
     _check_dtype(grad)
@@ -500,7 +510,9 @@ class _Distortion(torch.autograd.Function):
         return gw, gm, g_iv, None, None
 
 
-def distortion_loss(weights, s, interval, ray_id, n_rays):
+def distortion_loss(weights: torch.Tensor, s: torch.Tensor, interval: float | torch.Tensor, ray_id: torch.Tensor,
+                    n_rays: int) -> torch.Tensor:
+    """The Triton kernel of :func:`src.kernels.reference.distortion_loss`: the same contract, CUDA tensors."""
     return _Distortion.apply(weights, s, interval, ray_id, n_rays)
 
 
@@ -526,7 +538,10 @@ def _adam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, lr_ptr, n_lr, beta1: tl.float64, be
     tl.store(p_ptr + i, p - upd, mask=msk)
 
 
-def grid_adam_step(param, grad, exp_avg, exp_avg_sq, beta1, beta2, eps, step_size, skip_zero_grad, per_lr):
+def grid_adam_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                   beta1: float, beta2: float, eps: float, step_size: float, skip_zero_grad: bool,
+                   per_lr: torch.Tensor | None) -> None:
+    """The Triton kernel of :func:`src.kernels.reference.grid_adam_step`: the same contract, CUDA tensors."""
     for name, t in (("param", param), ("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
         if not t.is_contiguous():
             raise ValueError(f"grid_adam_step: {name} must be contiguous")

@@ -49,15 +49,3 @@ def rays_through(K: torch.Tensor, c2w: torch.Tensor, u: torch.Tensor, v: torch.T
 def viewdirs_of(rays_d: torch.Tensor) -> torch.Tensor:
     """Unit view directions."""
     return rays_d / rays_d.norm(dim=-1, keepdim=True)
-
-
-def project_points(points: torch.Tensor, K: torch.Tensor, c2w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """World points (N, 3) to pixel coordinates (N, 2) (u, v) and camera depth (N,) (positive in front)."""
-    K = K.to(c2w)
-    R, t = c2w[:3, :3], c2w[:3, 3]
-    cam = (points - t) @ R  # (N, 3): R^T (p - t)
-    depth = -cam[:, 2]
-    x, y = cam[:, 0] / depth, -cam[:, 1] / depth  # OpenCV-style normalised coordinates (y down)
-    u = K[0, 0] * x + K[0, 1] * y + K[0, 2]
-    v = K[1, 1] * y + K[1, 2]
-    return torch.stack([u, v], -1), depth

@@ -6,7 +6,6 @@ import logging
 import time
 from dataclasses import dataclass
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 
@@ -14,8 +13,8 @@ from src import kernels
 from src.config import check_positive
 from src.data.rays import RayBank, RaySampler
 from src.kernels.grid_adam import GridAdam
-from src.models.base import RenderMixin
-from src.models.dvgo import setup as dvgo_setup
+from src.models.rendering import RayMethod
+from src.models.dvgo import stage_prep
 from src.models.dvgo.field import DirectVoxGO
 from src.models.dvgo.grid import MaskGrid
 from src.phases import phase
@@ -44,7 +43,7 @@ class StageConfig:
     skip_zero_grad_fields: list[str]
 
 
-class DVGOModule(RenderMixin, L.LightningModule):
+class DVGOModule(RayMethod):
     """Args (all from ``conf/model/dvgo.yaml``):
         coarse, fine: :class:`StageConfig` fields.
         n_rand: rays per step. lr_density, lr_k0, lr_rgbnet: base learning rates; lrate_decay: lr x0.1
@@ -70,6 +69,7 @@ class DVGOModule(RenderMixin, L.LightningModule):
 
     #: the scores the method is judged by (sweep summaries; the first is what a sweep optimises by default)
     key_metrics = ("test/psnr", "test/ssim", "test/lpips")
+    meshes = True
 
     def __init__(self, coarse: dict, fine: dict, n_rand: int, lr_density: float, lr_k0: float, lr_rgbnet: float,
                  lrate_decay: float, stepsize: float, bbox_thres: float, mask_cache_thres: float,
@@ -95,7 +95,7 @@ class DVGOModule(RenderMixin, L.LightningModule):
         self.stage_id = 0  # the same, read by every step without touching the device
         self.ray_bank: RayBank | None = None
         self.sampler: RaySampler | None = None
-        self.stage_time = {"coarse": 0.0, "fine": 0.0}
+        self.stage_time = {"coarse": 0.0, "fine": 0.0}  # training seconds per stage (stage_times)
         self.pool_mask: torch.Tensor | None = None
         self._manual_grad_sync = False  # set under DDP (on_train_start)
         self._first_nonfinite: torch.Tensor | None = None  # CUDA: first step with a non-finite loss, or -1
@@ -125,7 +125,7 @@ class DVGOModule(RenderMixin, L.LightningModule):
         self._manual_grad_sync = isinstance(model, torch.nn.parallel.DistributedDataParallel)
 
     def on_fit_start(self) -> None:
-        dm = self.trainer.datamodule
+        dm = self.scene_data
         self.near, self.far, self.background = dm.near, dm.far, dm.background
         self.ray_bank = dm.train_rays.to(self.device)
         self.sampler = RaySampler(len(self.ray_bank), self.hparams.n_rand, self.hparams.seed,
@@ -134,25 +134,25 @@ class DVGOModule(RenderMixin, L.LightningModule):
             self._restrict_rays(self.coarse_cfg.iters)
 
     def _start_coarse(self) -> None:
-        cfg, dm = self.coarse_cfg, self.trainer.datamodule
-        xyz_min, xyz_max = dvgo_setup.bbox_from_frusta(self.ray_bank, self.near, self.far)
+        cfg, dm = self.coarse_cfg, self.scene_data
+        xyz_min, xyz_max = stage_prep.bbox_from_frusta(self.ray_bank, self.near, self.far)
         self.coarse.reset_box(xyz_min, xyz_max, cfg.num_voxels)
         log.info("coarse box %s %s, grid %s", xyz_min.tolist(), xyz_max.tolist(), self.coarse.density.world_size)
         if cfg.maskout_near_cam_vox:
-            dvgo_setup.maskout_near_cam_vox(self.coarse, dm.splits["train"].c2w[:, :3, 3].to(self.device), self.near)
+            stage_prep.maskout_near_cam_vox(self.coarse, dm.splits["train"].c2w[:, :3, 3].to(self.device), self.near)
         self._set_stage(1)
         self._set_optimizer(step_in_stage=0)
         if cfg.pervoxel_lr:
-            count = dvgo_setup.voxel_count_views(self.coarse, dm.splits["train"], cfg.pervoxel_lr_downrate,
+            count = stage_prep.voxel_count_views(self.coarse, dm.splits["train"], cfg.pervoxel_lr_downrate,
                                                  self.near, self.hparams.stepsize)
             self.optimizers().optimizer.param_groups[0]["per_lr"] = count / count.max()
             self.coarse.mask_cache.mask &= count[0, 0] > 2
 
     def _start_fine(self, step: int) -> None:
         cfg = self.fine_cfg
-        xyz_min, xyz_max = dvgo_setup.bbox_from_coarse(self.coarse, self.hparams.bbox_thres, cfg.world_bound_scale)
+        xyz_min, xyz_max = stage_prep.bbox_from_coarse(self.coarse, self.hparams.bbox_thres, cfg.world_bound_scale)
         self.fine.reset_box(xyz_min, xyz_max, self.fine_start_voxels)
-        self.fine.mask_cache.mask.copy_(dvgo_setup.mask_from_coarse(self.coarse, self.fine, self.hparams.mask_cache_thres))
+        self.fine.mask_cache.mask.copy_(stage_prep.mask_from_coarse(self.coarse, self.fine, self.hparams.mask_cache_thres))
         self.pool_mask = self.fine.mask_cache.mask.clone()  # saved: a resumed run rebuilds the same ray pool
         log.info("fine box %s %s, grid %s", xyz_min.tolist(), xyz_max.tolist(), self.fine.density.world_size)
         self._set_stage(2)
@@ -163,7 +163,7 @@ class DVGOModule(RenderMixin, L.LightningModule):
     def _restrict_rays(self, step: int) -> None:
         """DVGO's ``in_maskcache`` sampler: from ``step`` on, only rays through the coarse geometry."""
         mask = MaskGrid(self.pool_mask.to(self.device), self.fine.xyz_min, self.fine.xyz_max)
-        pool = dvgo_setup.rays_through_mask(mask, self.fine, self.ray_bank, self.near, self.hparams.stepsize)
+        pool = stage_prep.rays_through_mask(mask, self.fine, self.ray_bank, self.near, self.hparams.stepsize)
         log.info("in_maskcache sampling: %d of %d training rays hit the coarse geometry", pool.numel(), len(self.ray_bank))
         self.sampler.restrict(pool, from_step=step, mode="permutation")
 
@@ -324,12 +324,11 @@ class DVGOModule(RenderMixin, L.LightningModule):
                 kernels.total_variation_add_grad(grid.grid, grid.grid.grad, w, w, w, dense)
 
     @property
-    def rays_per_step(self) -> int:
-        return self.hparams.n_rand
-
-    @property
     def stage_name(self) -> str:
         return "fine" if self.stage_id == 2 else "coarse"
+
+    def stage_times(self) -> dict[str, float]:
+        return dict(self.stage_time)
 
     # ---- rendering and checkpoints ----------------------------------------------------------------
     def render_rays(self, rays_o: torch.Tensor, rays_d: torch.Tensor,

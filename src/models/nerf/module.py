@@ -3,15 +3,13 @@ then hierarchical sampling, alpha compositing through the shared kernels (``src.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 
 from src.config import check_positive
 from src.data.rays import RayBank, RaySampler
-from src.models.base import RenderMixin
+from src.models.rendering import RayMethod
 from src.models.nerf.network import NeRFMLP
 from src.phases import PhaseHooks, phase
 from src.render import composite, render_weights
@@ -20,7 +18,7 @@ from src.render.sampling import sample_pdf, stratified_depths
 log = logging.getLogger(__name__)
 
 
-class NeRFModule(PhaseHooks, RenderMixin, L.LightningModule):
+class NeRFModule(PhaseHooks, RayMethod):
     """Args (``conf/model/nerf.yaml``, NeRF's published defaults):
         n_rand: rays per step. n_samples / n_importance: coarse / extra fine samples per ray.
         perturb: stratified jitter while training. lindisp: sample linearly in inverse depth.
@@ -36,6 +34,7 @@ class NeRFModule(PhaseHooks, RenderMixin, L.LightningModule):
 
     #: the scores the method is judged by (sweep summaries; the first is what a sweep optimises by default)
     key_metrics = ("test/psnr", "test/ssim", "test/lpips")
+    meshes = True
 
     def __init__(self, n_rand: int = 1024, n_samples: int = 64, n_importance: int = 128, perturb: bool = True,
                  lindisp: bool = False, raw_noise_std: float = 0.0, lr: float = 5e-4, lrate_decay: int = 250,
@@ -51,15 +50,6 @@ class NeRFModule(PhaseHooks, RenderMixin, L.LightningModule):
         self.coarse = NeRFMLP(netdepth, netwidth, **mlp)
         self.fine = NeRFMLP(netdepth_fine, netwidth_fine, **mlp) if n_importance > 0 else None
         self.ray_bank: RayBank | None = None
-        self.scene: tuple[float, float, float] | None = None
-
-    @property
-    def total_steps(self) -> int:
-        return self.hparams.iters
-
-    @property
-    def rays_per_step(self) -> int:
-        return self.hparams.n_rand
 
     def configure_optimizers(self):
         opt = torch.optim.Adam(self.parameters(), lr=self.hparams.lr, betas=(0.9, 0.999))
@@ -68,7 +58,7 @@ class NeRFModule(PhaseHooks, RenderMixin, L.LightningModule):
                                                     "interval": "step"}}
 
     def on_fit_start(self) -> None:
-        dm = self.trainer.datamodule
+        dm = self.scene_data
         self.set_scene(dm.near, dm.far, dm.background)
         self.ray_bank = dm.train_rays.to(self.device)
         hp = self.hparams

@@ -8,12 +8,11 @@ from __future__ import annotations
 import logging
 import math
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 
 from src.config import check_positive
-from src.models.base import RenderMixin
+from src.models.rendering import RayMethod
 from src.models.neus.network import BackgroundNeRF, RenderingNetwork, SDFNetwork, SingleVariance
 from src.phases import PhaseHooks, phase
 from src.render.compositing import dense_weights
@@ -62,7 +61,7 @@ def neus_alpha(sdf: torch.Tensor, grad: torch.Tensor, dirs: torch.Tensor, dists:
     return ((prev_cdf - next_cdf + 1e-5) / (prev_cdf + 1e-5)).clamp(0.0, 1.0)
 
 
-class NeuSModule(PhaseHooks, RenderMixin, L.LightningModule):
+class NeuSModule(PhaseHooks, RayMethod):
     """Args (``conf/model/neus.yaml``: NeuS's published ``wmask.conf``):
         batch_size: rays per step, all from one image (NeuS cycles through shuffled images).
         n_samples, n_importance, up_sample_steps: coarse samples, extra samples added over the steps.
@@ -81,6 +80,7 @@ class NeuSModule(PhaseHooks, RenderMixin, L.LightningModule):
 
     #: the scores the method is judged by (sweep summaries; the first is what a sweep optimises by default)
     key_metrics = ("test/psnr", "mesh/chamfer", "mesh/fscore")
+    steps_key, rays_key, meshes = "end_iter", "batch_size", True
 
     def __init__(self, batch_size: int = 512, n_samples: int = 64, n_importance: int = 64, up_sample_steps: int = 4,
                  n_outside: int = 0, perturb: float = 1.0, lr: float = 5e-4, lr_alpha: float = 0.05,
@@ -97,14 +97,6 @@ class NeuSModule(PhaseHooks, RenderMixin, L.LightningModule):
         self.variance = SingleVariance(variance_init)
         self.nerf_outside = BackgroundNeRF(**(nerf or {})) if n_outside > 0 else None
         self.train_views = None
-
-    @property
-    def total_steps(self) -> int:
-        return self.hparams.end_iter
-
-    @property
-    def rays_per_step(self) -> int:
-        return self.hparams.batch_size
 
     # ---- schedules ----------------------------------------------------------------------------------
     def lr_factor(self, step: int) -> float:
@@ -227,7 +219,7 @@ class NeuSModule(PhaseHooks, RenderMixin, L.LightningModule):
 
     # ---- training -----------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
-        views = self.trainer.datamodule.splits["train"]
+        views = self.scene_data.splits["train"]
         self.train_views = views
         if self.hparams.mask_weight > 0 and bool((views.mask > 0.5).all()):
             log.warning("every mask pixel is foreground (masks all white, as in data without masks): the mask loss "

@@ -8,22 +8,22 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 from PIL import Image
 
 from src.config import check_positive
-from src.data.depth import project_points
+from src.geometry.camera import intrinsics_matrix, project_points
 from src.geometry.knn import chamfer
-from src.geometry.mesh import sample_points
-from src.models.base import depth_to_gray, finish_test
+from src.geometry.sampling import sample_points
+from src.models.method import Method, finish_test
+from src.models.rendering import depth_to_gray
 from src.models.proto_depth.losses import hybrid_chamfer, slot_coverage
 from src.models.proto_depth.network import ProtoDepthNet, slot_colours
 from src.phases import PhaseHooks, phase
 
 
-class ProtoDepthModule(PhaseHooks, L.LightningModule):
+class ProtoDepthModule(PhaseHooks, Method):
     """Args (``conf/model/proto_depth.yaml``): net: ``ProtoDepthNet`` options (num_slots, num_prototypes,
     ico_level, ...). samples_per_slot: points sampled on each slot's mesh per step. k_nearest: neighbours of
     the target-to-prediction term. w_target, w_slot, w_repulse, repulse_margin: the hybrid Chamfer loss.
@@ -42,10 +42,6 @@ class ProtoDepthModule(PhaseHooks, L.LightningModule):
         check_positive("model", iters=iters, samples_per_slot=samples_per_slot, k_nearest=k_nearest)
         self.save_hyperparameters(logger=False)  # the loggers get the composed config once (pipeline.run)
         self.net = ProtoDepthNet(**(net or {}))
-
-    @property
-    def total_steps(self) -> int:
-        return self.hparams.iters
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
@@ -126,7 +122,8 @@ class ProtoDepthModule(PhaseHooks, L.LightningModule):
         over = base.copy()
         h, w = depth.shape
         colours = slot_colours(pred.shape[0])
-        uv = project_points(pred, k["fx"], k["fy"], k["cx"], k["cy"]).round().long().cpu()  # (K, S, 2)
+        K = intrinsics_matrix(k["fx"], k["fy"], k["cx"], k["cy"])
+        uv = (project_points(pred, K, min_depth=1e-6)[0] - 0.5).round().long().cpu()  # (K, S, 2) pixel indices
         for slot in range(pred.shape[0]):
             u, v = uv[slot, :, 0], uv[slot, :, 1]
             ok = (u >= 0) & (u < w) & (v >= 0) & (v < h) & (pred[slot, :, 2].cpu() > 0)

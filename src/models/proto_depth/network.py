@@ -14,18 +14,6 @@ from src.geometry.rotation import euler_angles_to_matrix
 from src.phases import phase
 
 
-def ico_sphere(level: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unit ico-sphere (V, 3) float32, (F, 3) long: pytorch3d's ``ico_sphere`` when installed, else ours (the
-    same subdivision; vertex order may differ)."""
-    try:
-        from pytorch3d.utils import ico_sphere as p3d
-    except ImportError:
-        verts, faces = icosphere(level)
-        return torch.from_numpy(verts).float(), torch.from_numpy(faces).long()
-    mesh = p3d(level)
-    return mesh.verts_packed().float(), mesh.faces_packed().long()
-
-
 # ------------------------------------------------------------------------------------------ transform
 def transform_meshes(verts: torch.Tensor, scale: torch.Tensor, euler: torch.Tensor, trans: torch.Tensor) -> torch.Tensor:
     """Every prototype placed by every slot at once: ``R(euler) (scale * v) + t``.
@@ -83,7 +71,8 @@ class Prototypes(nn.Module):
 
     def __init__(self, num_prototypes: int, ico_level: int, init_noise: float = 0.02, seed: int = 0) -> None:
         super().__init__()
-        verts, faces = ico_sphere(ico_level)
+        verts, faces = (torch.from_numpy(a) for a in icosphere(ico_level, prefer_pytorch3d=True))
+        verts, faces = verts.float(), faces.long()
         self.register_buffer("base", verts)
         self.register_buffer("faces", faces)
         g = torch.Generator().manual_seed(seed)

@@ -27,7 +27,7 @@ import math
 import torch
 
 from src.geometry.knn import knn_points
-from src.geometry.pu_metrics import farthest_point_sample
+from src.geometry.sampling import farthest_point_sample
 
 UNIFORM_PERCENTAGES = (0.004, 0.006, 0.008, 0.010, 0.012)
 

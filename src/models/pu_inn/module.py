@@ -9,15 +9,14 @@ import logging
 import math
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 
 from src.config import check_positive
 from src.geometry.knn import chamfer, knn_points
-from src.geometry.pu_metrics import (cd_hd, emd_exact, even_surface_sample, farthest_point_sample,
-                                     normalize_unit_sphere, point_triangle_distance)
-from src.models.base import finish_test
+from src.geometry.pu_metrics import cd_hd, emd_exact, normalize_unit_sphere, point_triangle_distance
+from src.geometry.sampling import even_surface_sample, farthest_point_sample
+from src.models.method import Method, finish_test
 from src.models.pu_inn.losses import repulsion_loss, surface_loss, uniform_loss
 from src.models.pu_inn.network import PUINN
 from src.phases import PhaseHooks, phase
@@ -119,7 +118,7 @@ def upsample_layouts(model: PUINN, shape: dict, layouts: int, gt: torch.Tensor, 
     return clouds, scores
 
 
-class PUINNModule(PhaseHooks, L.LightningModule):
+class PUINNModule(PhaseHooks, Method):
     """Args (``conf/model/pu_inn.yaml``): net: ``PUINN`` options. lr, weight_decay, lr_decay_every,
     lr_decay: Adam with step decay. w_cd, w_uniform, w_emd, w_repulsion, w_nll, w_surface: loss weights (sources in the
     config). iters: training steps. logdet_exact_every: every how many validations the exact log-det is
@@ -154,10 +153,6 @@ class PUINNModule(PhaseHooks, L.LightningModule):
         hp = self.hparams
         return dict(patch_size=hp.patch_size, patch_ratio=hp.patch_ratio, merge_input=hp.merge_input,
                     outlier_std=hp.outlier_std, n_outliers=hp.n_outliers)
-
-    @property
-    def total_steps(self) -> int:
-        return self.hparams.iters
 
     def configure_optimizers(self):
         opt = torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

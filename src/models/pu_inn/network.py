@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from src.geometry.knn import knn_points
-from src.geometry.pu_metrics import farthest_point_sample
+from src.geometry.sampling import farthest_point_sample
 from src.models.pu_inn.flow import ResidualBlock, SpectralNormLinear
 from src.phases import phase
 
@@ -71,7 +71,7 @@ class DenseEdgeFeatures(nn.Module):
 
 
 class TwoEdgeFeatures(nn.Module):
-    """The earlier features: two EdgeConv layers, concatenated (no wider context)."""
+    """Two EdgeConv layers, concatenated (no wider context): the features' ablation."""
 
     def __init__(self, feat_dim: int) -> None:
         super().__init__()
@@ -108,8 +108,8 @@ class LocalRefine(nn.Module):
 
 class PUINN(nn.Module):
     """Args: k: neighbours for features and interpolation. feat_dim: per-point feature (the flow's context) size.
-    features: ``dense`` (``DenseEdgeFeatures`` with ``feat_layers`` layers) or ``edge2`` (two EdgeConvs, the earlier
-    design). n_blocks, hidden, n_layers, coeff: the flow (``ResidualBlock``); flow_init_gain: scale of the last map
+    features: ``dense`` (``DenseEdgeFeatures`` with ``feat_layers`` layers) or ``edge2`` (two EdgeConvs, an
+    ablation). n_blocks, hidden, n_layers, coeff: the flow (``ResidualBlock``); flow_init_gain: scale of the last map
     of each block's g at initialisation (small: the flow starts near the identity, so the first new points are
     the convex mixes of the interpolation and not random offsets). estimator / eval_estimator and the series
     options: the log-det estimators (roulette: a series length per point or per batch). up_ratio: r.
@@ -118,12 +118,12 @@ class PUINN(nn.Module):
 
     interp: how the convex weights over the k neighbours are made, ``pair`` (each (point, neighbour) pair's
     features and offset, as PU-Flow's weight unit: every neighbour gets its own logit) or ``point`` (from each
-    point's feature alone, by neighbour rank: the earlier design); interp_prior: the starting logit of the
+    point's feature alone, by neighbour rank: an ablation); interp_prior: the starting logit of the
     neighbours other than the point itself and the r + more_up - 1 spread evenly over the k ranks (0 for those; the
     nearest ones when k = r + more_up), a learnt parameter.
     more_up: extra candidates a point (PU-GAN's ``more_up``, 2 in its release): (r + more_up) N points are made and
     farthest-point sampled to r N. decode_context: the context each new point is decoded with, ``parent`` (its
-    point's own, as PU-Flow) or ``mixed`` (the weights' mix of the neighbours' contexts: the earlier design, where
+    point's own, as PU-Flow) or ``mixed`` (the weights' mix of the neighbours' contexts: an ablation, where
     the flow cancels; module docstring). refine: a learnt step in xyz after decoding, zero at the start and bounded
     by the parent's spacing to its nearest input in each coordinate, from the point's ``refine_k`` nearest inputs
     (``LocalRefine``; PU-GAN and Grad-PU regress coordinates)."""

@@ -1,8 +1,7 @@
-"""Evaluation shared by the methods: test scores over unique items (also under DDP) into ``test_scores.json``;
-for methods that render rays, full images in chunks, metrics, saved renders and the camera-path video."""
+"""The methods that render rays (DVGO, NeRF, NeuS): whole images rendered in chunks, scored, saved, and the
+camera-path video."""
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -11,39 +10,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from src.data.datamodule import RayScene
 from src.loggers import wandb_loggers
 from src.metrics import lpips_model, psnr, ssim
+from src.models.method import Method, finish_test
 from src.phases import phase
 
 log = logging.getLogger(__name__)
-
-
-def gather_unique(rows: dict) -> list[dict]:
-    """Per-item test rows ``{key: row}`` of every rank, each item once, in key order.
-
-    Under DDP, Lightning's DistributedSampler pads the test set so that every rank gets as many items (3 views
-    on 2 ranks: 4 batches, one view twice), and a mean over the logged batches counts the repeat; joining the
-    ranks' rows by item key instead gives exactly the one-process mean."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        parts: list = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, rows)
-        rows = {k: v for part in parts for k, v in part.items()}
-    return [rows[k] for k in sorted(rows)]
-
-
-def finish_test(module, rows: dict, file: str = "test_scores.json") -> list[dict]:
-    """Log the mean of each ``test/*`` score over the unique items of every rank (each rank logs the same value,
-    so no sync is needed) and write the per-item rows to ``<run dir>/<file>``; returns the rows."""
-    items = gather_unique(rows)
-    keys = list(dict.fromkeys(k for r in items for k in r if k.startswith("test/") and isinstance(r[k], float)))
-    means = {k: sum(r[k] for r in items if k in r) / sum(k in r for r in items) for k in keys}
-    if means:
-        module.log_dict({k: torch.tensor(v, dtype=torch.float64) for k, v in means.items()}, sync_dist=False)
-    if module.trainer.is_global_zero and items:
-        Path(module.trainer.default_root_dir, file).write_text(json.dumps(items, indent=1))
-    return items
 
 
 def save_png(path: Path, image: torch.Tensor) -> None:
@@ -52,9 +25,23 @@ def save_png(path: Path, image: torch.Tensor) -> None:
     Image.fromarray(np.round(image.clamp(0, 1).cpu().numpy() * 255).astype(np.uint8)).save(path)
 
 
-class RenderMixin:
-    """For a LightningModule with ``render_rays(rays_o, rays_d) -> {rgb, depth, acc}`` and ``hparams.chunk``.
-    Validation and test batches are whole images (``rays_o``, ``rays_d``, ``rgb``: (H, W, 3))."""
+class RayMethod(Method):
+    """A method that renders rays (DVGO, NeRF, NeuS): it provides ``render_rays(rays_o, rays_d) -> {rgb, depth,
+    acc}`` and ``hparams.chunk``, and trains on a :class:`~src.data.datamodule.RayScene`. Validation and test
+    batches are whole images (``rays_o``, ``rays_d``, ``rgb``: (H, W, 3)), scored by PSNR / SSIM (LPIPS when
+    available); after testing, the camera-path video when ``render_path_frames`` > 0."""
+
+    rays_key = "n_rand"
+    renders_path = True
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.scene: tuple[float, float, float] | None = None  # near, far, background (set_scene / the datamodule)
+
+    @property
+    def scene_data(self) -> RayScene:
+        """The datamodule this method trains on (a ray scene)."""
+        return self.trainer.datamodule
 
     @torch.no_grad()
     def render_image(self, rays_o: torch.Tensor, rays_d: torch.Tensor,
@@ -113,7 +100,7 @@ class RenderMixin:
     def on_test_end(self) -> None:
         """After testing, the camera-path video when ``render_path_frames`` > 0 (rank 0 only)."""
         if self.hparams.get("render_path_frames", 0) and self.trainer.is_global_zero:
-            self.render_path_video(self.trainer.datamodule, self.hparams.render_path_frames,
+            self.render_path_video(self.scene_data, self.hparams.render_path_frames,
                                    Path(self.trainer.default_root_dir), wandb_loggers(self.trainer))
 
     def set_scene(self, near: float, far: float, background: float) -> None:
@@ -121,13 +108,13 @@ class RenderMixin:
         self.scene = (float(near), float(far), float(background))
 
     def _scene(self) -> tuple[float, float, float]:
-        if getattr(self, "scene", None) is None:
-            dm = self.trainer.datamodule
+        if self.scene is None:
+            dm = self.scene_data
             self.set_scene(dm.near, dm.far, dm.background)
         return self.scene
 
     @torch.no_grad()
-    def render_path_video(self, dm, n_frames: int, out_dir: Path, loggers=(), fps: int = 30) -> Path | None:
+    def render_path_video(self, dm: RayScene, n_frames: int, out_dir: Path, loggers=(), fps: int = 30) -> Path | None:
         """RGB | depth side by side along the datamodule's camera path (``render_poses(n_frames)``: an orbit for
         Blender, NeuS and generated scenes, NeRF's spiral for LLFF), at the test views' size and intrinsics,
         written to ``<out_dir>/render_path.mp4`` and logged to the W&B ``loggers`` as a video. Returns the file."""

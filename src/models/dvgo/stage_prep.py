@@ -1,4 +1,5 @@
-"""DVGO's one-off steps between iterations: boxes, view counts, near-camera masking, mask caches."""
+"""DVGO's one-off steps that prepare each stage (between iterations): boxes, view counts, near-camera masking, mask
+caches, the rays through the fine stage's mask."""
 from __future__ import annotations
 
 import torch
