@@ -181,3 +181,68 @@ def test_mesh_patches_config_composes_and_points_at_the_data_layout(make_cfg):
     assert cfg.data.root.endswith("/pu_train_meshes") and cfg.data.test_root.endswith("/PU-GAN/test")
     assert cfg.data.input_sampling == "random" and cfg.data.normalize == "input"  # PU-Flow's inputs, the test frame
     assert cfg.data.patch_points == 1024 and cfg.data.input_points == 256
+
+
+# a job that makes a shared cache: waits for the start signal (so two jobs really start together), then asks
+_CACHE_JOB = """
+import logging, sys, time
+from pathlib import Path
+import torch
+logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+what, root, cache, out, go = sys.argv[1:6]
+while not Path(go).exists():
+    time.sleep(0.01)
+if what == "patches":
+    from src.data.mesh_patches import MeshPatchesDataModule
+    patches, names, normals = MeshPatchesDataModule(root, cache_dir=cache, points_per_mesh=4096, patches_per_mesh=8,
+                                                    patch_points=512, input_points=128).patches()
+    torch.save({"patches": patches, "normals": normals}, out)
+else:
+    from src.data.pu_gan import write_pu_dataset
+    folder = write_pu_dataset(root, n_meshes=3, patches_per_mesh=4, n_test=1, n_test_points=512)
+    torch.save({p.name: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}, out)
+"""
+
+
+def _two_jobs_at_once(tmp_path: Path, what: str, root: Path, cache: Path) -> list[tuple[int, str, dict]]:
+    import subprocess
+    import sys
+    import time
+
+    go = tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", _CACHE_JOB, what, str(root), str(cache), str(tmp_path / f"out{i}.pt"),
+                               str(go)], cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    time.sleep(5)  # both have imported torch and are polling for the signal
+    go.touch()
+    results = []
+    for i, p in enumerate(procs):
+        _, err = p.communicate(timeout=600)
+        results.append((p.returncode, err, torch.load(tmp_path / f"out{i}.pt") if p.returncode == 0 else {}))
+    return results
+
+
+@pytest.mark.slow
+def test_two_jobs_making_the_same_patch_cache_at_once_get_one_complete_cache(mesh_folder, tmp_path):
+    """Two processes ask for the same (not yet cached) patches at the same moment: one makes them under the lock,
+    the other waits and reads its cache; both get identical patches, one cache file, no error, no temporary left."""
+    cache = tmp_path / "cache"
+    (a_rc, a_err, a), (b_rc, b_err, b) = _two_jobs_at_once(tmp_path, "patches", mesh_folder, cache)
+    assert a_rc == 0 and b_rc == 0, a_err[-2000:] + b_err[-2000:]
+    assert torch.equal(a["patches"], b["patches"]) and torch.equal(a["normals"], b["normals"])
+    made = [sum(line.startswith("patches of ") for line in err.splitlines()) for err in (a_err, b_err)]
+    assert sorted(made) == [0, 3], made  # one job made the 3 meshes' patches, the other made none
+    assert len(list(cache.glob("patches_*.pt"))) == 1 and not list(cache.glob(".*.tmp*"))
+    assert sum("waiting for another process" in err for err in (a_err, b_err)) == 1
+
+
+@pytest.mark.slow
+def test_two_jobs_generating_the_same_scene_at_once_get_one_complete_scene(tmp_path):
+    """The generated datasets (here PU-GAN's layout) are written once under a lock and renamed into place: two jobs
+    started together both succeed and read byte-identical files, and only one generated them."""
+    root = tmp_path / "pu"
+    (a_rc, a_err, a), (b_rc, b_err, b) = _two_jobs_at_once(tmp_path, "scene", root, tmp_path / "unused")
+    assert a_rc == 0 and b_rc == 0, a_err[-2000:] + b_err[-2000:]
+    assert a == b and "scene.json" in a and "pu_patches.h5" in a
+    assert sum("generating the procedural scene" in err for err in (a_err, b_err)) == 1
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]

@@ -20,7 +20,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
 from src.data.errors import DataError, missing_root
-from src.data.generate import write_once
+from src.data.cache import write_once
 from src.geometry.rotation import random_rotation
 
 INTRINSIC_KEYS = ("fx", "fy", "cx", "cy")

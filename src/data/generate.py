@@ -9,15 +9,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import shutil
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 from PIL import Image
 
+from src.data.cache import write_once
 from src.data.scene import Scene, default_scene
 from src.render.rays import get_rays, intrinsics_from_fov
 
@@ -68,40 +66,6 @@ def render_view(scene: Scene, c2w: torch.Tensor, size: int, supersample: int) ->
     a = blocks[..., 3:]
     straight = torch.where(a > 0, blocks[..., :3] / a.clamp(min=1e-12), torch.zeros_like(blocks[..., :3]))
     return torch.cat([straight, a], -1).numpy()
-
-
-def write_once(root: Path, params: dict, fill: Callable[[Path], None]) -> Path:
-    """Write a generated dataset to ``root`` unless an identical one (same ``scene.json``) is there: ``fill``
-    writes into a per-process temporary folder renamed into place, so concurrent writers (DDP ranks) and
-    interrupted runs never leave a half-written scene."""
-    stamp = root / "scene.json"
-
-    def done() -> bool:
-        return stamp.exists() and json.loads(stamp.read_text()) == params
-
-    if done():
-        return root
-    if root.exists() and not stamp.exists() and any(root.iterdir()):
-        from src.data.errors import DataError
-
-        raise DataError(f"refusing to generate a scene into {root}: it holds files that were not generated here "
-                        "(no scene.json). Is data.generate set on a real dataset? Set data.generate=null")
-    tmp = root.with_name(f"{root.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    log.info("generating the procedural scene into %s (%s)", root, params)
-    fill(tmp)
-    (tmp / "scene.json").write_text(json.dumps(params))
-    if done():  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-        return root
-    shutil.rmtree(root, ignore_errors=True)
-    try:
-        tmp.rename(root)
-    except OSError:  # lost a race to another process writing the same scene
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not done():
-            raise
-    return root
 
 
 def write_blender(root: str | Path, image_size: int, n_train: int, n_val: int, n_test: int,

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 
 import lightning as L
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from src.data.cache import file_lock, save_atomic
 from src.data.errors import DataError, missing_root
 from src.data.point_patches import PatchDraws, check_normalize, draw_input, load_test_shapes
 from src.geometry.mesh_io import MESH_SUFFIXES, read_mesh
@@ -40,6 +42,15 @@ log = logging.getLogger(__name__)
 
 CACHE_VERSION = 2  # 2: with the mesh normals
 FALLBACK_CACHE = Path.home() / ".cache" / "neural3d" / "patch_cache"  # when the data folder is read-only
+
+
+def _writable(folder: Path) -> bool:
+    """Whether ``folder`` exists or can be made, and a file can be written in it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(folder, os.W_OK)
 
 
 def mesh_patches(verts: np.ndarray, faces: np.ndarray, points_per_mesh: int, patches_per_mesh: int,
@@ -124,11 +135,34 @@ class MeshPatchesDataModule(L.LightningDataModule):
         key_text = json.dumps(key, sort_keys=True)
         digest = hashlib.sha1(key_text.encode()).hexdigest()[:16]
         path = self.cache_dir / f"patches_v{CACHE_VERSION}_{digest}.pt"
+        hit = self._cached(path, key_text)
+        if hit is not None:
+            return hit
+        folder = next((f for f in (self.cache_dir, FALLBACK_CACHE) if _writable(f)), None)
+        if folder is None:  # nowhere to cache (read-only data folder and home): make them for this run only
+            log.warning("cannot cache the patches in %s or %s (not writable)", self.cache_dir, FALLBACK_CACHE)
+            return self._make(files)
+        target = folder / path.name
+        with file_lock(folder / f".{path.name}.lock", f"the patch cache {target}"):
+            hit = self._cached(path, key_text)  # made by the process that held the lock
+            if hit is not None:
+                return hit
+            patches, names, normals = self._make(files)
+            save_atomic({"key": key_text, "patches": patches, "names": names, "normals": normals}, target)
+            log.info("cached %d patches of %d meshes in %s", patches.shape[0] * patches.shape[1], len(files), target)
+        return patches, names, normals
+
+    @staticmethod
+    def _cached(path: Path, key_text: str) -> tuple[torch.Tensor, list[str], torch.Tensor] | None:
+        """The patches of the cache file for this key, in the data folder's cache or the user's, if there."""
         for cached in (path, FALLBACK_CACHE / path.name):
             if cached.is_file():
                 saved = torch.load(cached, weights_only=True)
                 if saved.get("key") == key_text:
                     return saved["patches"], saved["names"], saved["normals"]
+        return None
+
+    def _make(self, files: list[Path]) -> tuple[torch.Tensor, list[str], torch.Tensor]:
         out, out_normals = [], []
         for k, f in enumerate(files):
             verts, faces = read_mesh(f)
@@ -136,21 +170,7 @@ class MeshPatchesDataModule(L.LightningDataModule):
             out.append(pts)
             out_normals.append(normals)
             log.info("patches of %s: %d x %d points (%d of %d meshes)", f.name, *pts.shape[:2], k + 1, len(files))
-        patches, names, normals = torch.stack(out), [f.stem for f in files], torch.stack(out_normals)
-        record = {"key": key_text, "patches": patches, "names": names, "normals": normals}
-        for folder in (self.cache_dir, FALLBACK_CACHE):  # a read-only data folder: the user's cache instead
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-                tmp = folder / (path.stem + ".tmp")
-                torch.save(record, tmp)
-                tmp.replace(folder / path.name)
-            except OSError as err:
-                log.warning("cannot cache the patches in %s (%s)", folder, err)
-                continue
-            log.info("cached %d patches of %d meshes in %s", patches.shape[0] * patches.shape[1], len(files),
-                     folder / path.name)
-            break
-        return patches, names, normals
+        return torch.stack(out), [f.stem for f in files], torch.stack(out_normals)
 
     def setup(self, stage: str | None = None) -> None:
         self.prepare_data()

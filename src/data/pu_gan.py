@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from src.data.errors import DataError, missing_root
-from src.data.generate import write_once
+from src.data.cache import write_once
 from src.data.point_patches import PatchDraws, augment, check_normalize, draw_input, load_test_shapes  # noqa: F401
 from src.geometry.mesh import icosphere
 from src.geometry.mesh_io import write_mesh
