@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from src import kernels
 from src.callbacks import SummaryCallback
+from src.data.cache import AtomicCheckpointIO
 from src.loggers import wandb_loggers, wandb_results
 from src.metrics import lpips_model
 from src.models.method import Method
@@ -97,7 +98,8 @@ def _setup(cfg: DictConfig) -> Path:
 def _trainer(cfg: DictConfig, out_dir: Path, max_steps: int) -> L.Trainer:
     trainer: L.Trainer = instantiate(cfg.trainer, max_steps=max_steps, default_root_dir=str(out_dir),
                                      callbacks=_instantiate_all(cfg.get("callbacks")),
-                                     logger=_instantiate_all(cfg.get("logger")) or False)
+                                     logger=_instantiate_all(cfg.get("logger")) or False,
+                                     plugins=[AtomicCheckpointIO()])  # a kill mid-write keeps the last checkpoint
     if trainer.is_global_zero:
         (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         saved = out_dir / ".hydra" / "config.yaml"  # Hydra writes it for command-line runs; eval.py reads it
@@ -170,14 +172,9 @@ def evaluate(cfg: DictConfig, ckpt_path: str, render: str = "test", source: dict
     frames = model.hparams.get("render_path_frames") or 120
     if "render_path_frames" in model.hparams:
         model.hparams.render_path_frames = 0  # the video is rendered below, when asked, not after testing
+    load_weights(model, ckpt_path, cfg.model._target_)  # before the trainer: a checkpoint that does not fit writes nothing
     trainer = _trainer(cfg, out_dir, max_steps=-1)
     metrics: dict = {f"eval/{k}": v for k, v in (source or {}).items()}
-    # the weights as trainer.test(ckpt_path=...) would load them (the module's own hook first: DVGO reshapes its
-    # grids), without restoring the training callbacks' state, which an evaluation has no use for
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    model.on_load_checkpoint(ckpt)
-    model.load_state_dict(ckpt["state_dict"])
-    del ckpt
     if render in ("test", "both"):
         trainer.test(model, datamodule=datamodule, verbose=False)
         metrics.update(_test_metrics(trainer))
@@ -192,6 +189,32 @@ def evaluate(cfg: DictConfig, ckpt_path: str, render: str = "test", source: dict
                             "time/video_s": round(time.perf_counter() - tic, 2)})
     metrics["time/load_s"] = round(load_s, 2)
     return _report(trainer, model, datamodule, out_dir, metrics)
+
+
+def load_weights(model: Method, ckpt_path: str, target: str) -> None:
+    """The checkpoint's weights into ``model`` as ``trainer.test(ckpt_path=...)`` would load them (the module's own
+    hook first: DVGO reshapes its grids), without the training callbacks' state, which an evaluation has no use for.
+    Weights that do not fit the configured method (another method's checkpoint, or a config whose sizes no longer
+    match it) stop here with an error that names the file, the method and the first keys that differ."""
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    state = ckpt["state_dict"]
+    problems = []
+    try:
+        model.on_load_checkpoint(ckpt)  # may resize or add parameters to fit the checkpoint
+    except Exception as e:  # noqa: BLE001 - the module's hook choked on another method's checkpoint
+        problems.append(f"the module's checkpoint hook failed ({type(e).__name__}: {e})")
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    resized = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    problems += [f"{len(keys)} {what} parameters (e.g. {', '.join(keys[:3])})"
+                 for what, keys in (("missing", missing), ("unexpected", unexpected), ("resized", resized)) if keys]
+    if problems:
+        raise ValueError(f"ckpt_path={ckpt_path}: its weights do not fit model._target_={target}: "
+                         f"{'; '.join(problems)}. Was it written by another method, or by a run with other "
+                         "model sizes? eval.py reads the config of the checkpoint's own run; override model "
+                         "settings only where the weights allow it")
+    model.load_state_dict(state)
+    del ckpt
 
 
 def _test_metrics(trainer: L.Trainer) -> dict:

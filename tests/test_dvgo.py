@@ -261,3 +261,56 @@ def test_corrupt_checkpoint_is_named_and_nothing_is_written(make_cfg, tmp_path):
     assert bad.read_bytes() == b"not a checkpoint" and not (tmp_path / "run" / "checkpoints").exists()
     with pytest.raises(FileNotFoundError, match="ckpt_path=.*missing.ckpt: no such checkpoint file"):
         run(make_cfg(*SMOKE, f"ckpt_path={tmp_path / 'missing.ckpt'}", out=tmp_path / "run2"))
+
+
+def test_a_checkpoint_write_killed_midway_leaves_the_previous_one_whole(make_cfg, tmp_path, monkeypatch):
+    """Checkpoints go to a temporary twin and are renamed into place: a process killed while writing last.ckpt
+    leaves the previous last.ckpt loadable (Lightning's own writer overwrites the file in place). Every run's
+    trainer writes through it."""
+    from lightning.fabric.plugins.io import torch_io
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    from src.data.cache import AtomicCheckpointIO
+    from src.pipeline import _trainer
+
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"global_step": 1, "state_dict": {"w": torch.ones(3)}}, path)
+
+    def killed(checkpoint, filepath):  # part of the file written, then the process is gone
+        Path(filepath).write_bytes(b"PK\x03\x04 half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch_io, "_atomic_save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        AtomicCheckpointIO().save_checkpoint({"global_step": 2, "state_dict": {"w": torch.zeros(3)}}, path)
+    saved = torch.load(path, weights_only=True)
+    assert saved["global_step"] == 1 and torch.equal(saved["state_dict"]["w"], torch.ones(3))
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]  # no temporary left behind
+    with pytest.raises(KeyboardInterrupt):  # what the plain writer does: the previous checkpoint is lost
+        TorchCheckpointIO().save_checkpoint({"global_step": 2}, path)
+    with pytest.raises(Exception):
+        torch.load(path, weights_only=True)
+    (tmp_path / "run").mkdir()
+    trainer = _trainer(make_cfg(*SMOKE), tmp_path / "run", max_steps=1)
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+
+
+def test_weights_that_do_not_fit_the_method_stop_with_an_error_naming_them(make_cfg, tmp_path):
+    """eval.py's weight loading: another method's checkpoint, or one of the same method at other sizes, stops with
+    an error naming the file, the configured method and the keys that differ (not a bare state-dict error)."""
+    from src.pipeline import load_weights
+
+    pu_inn = instantiate(make_cfg("experiment=pu_inn_smoke").model, _convert_="all")
+    ckpt = tmp_path / "pu_inn.ckpt"
+    torch.save({"state_dict": pu_inn.state_dict()}, ckpt)
+    target = "src.models.proto_depth.module.ProtoDepthModule"
+    proto = instantiate(make_cfg("experiment=proto_depth_smoke").model, _convert_="all")
+    with pytest.raises(ValueError, match=rf"ckpt_path={ckpt}: its weights do not fit model._target_={target}: "
+                                         r"\d+ missing parameters .*\d+ unexpected parameters \(e.g. net\."):
+        load_weights(proto, str(ckpt), target)
+    wider = instantiate(make_cfg("experiment=pu_inn_smoke", "model.net.hidden=48").model, _convert_="all")
+    with pytest.raises(ValueError, match=r"resized parameters \(e.g. net\.blocks"):
+        load_weights(wider, str(ckpt), "src.models.pu_inn.module.PUINNModule")
+    same = instantiate(make_cfg("experiment=pu_inn_smoke").model, _convert_="all")
+    load_weights(same, str(ckpt), "src.models.pu_inn.module.PUINNModule")  # a fitting checkpoint loads
+    assert all(torch.equal(a, b) for a, b in zip(same.state_dict().values(), pu_inn.state_dict().values()))

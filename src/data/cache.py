@@ -1,5 +1,5 @@
-"""Files made once and shared: generated scenes and patch caches that several jobs of a sweep, DDP ranks or runs on
-a shared machine may ask for at the same moment. Each is made under an exclusive file lock (the first job makes it,
+"""Files made once and shared, and files that must never be half-written: generated scenes and patch caches that
+several jobs of a sweep, DDP ranks or runs on a shared machine may ask for at the same moment, and checkpoints. Each is made under an exclusive file lock (the first job makes it,
 the others wait and then read it) and published by renaming a per-process temporary copy into place, so nobody
 ever reads a half-written file and an interrupted job leaves nothing behind but its own temporary copy."""
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from src.data.errors import DataError
 
@@ -86,3 +87,19 @@ def write_once(root: Path, params: dict, fill: Callable[[Path], None]) -> Path:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, writing each checkpoint to a temporary twin and renaming it into place: a
+    process killed while writing ``last.ckpt`` leaves the previous ``last.ckpt`` whole (Lightning writes the file
+    in place)."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options: object | None = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temporary_twin(path)
+        try:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)

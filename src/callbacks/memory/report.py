@@ -83,11 +83,10 @@ def diagnose(loop: str, first: Counter, first_refs: dict, tensors: list[torch.Te
 def format_report(report: LeakReport) -> str:
     """The report as text: the growth, then each group (at most 20) with its rate, the graph it holds, and where its
     tensors (and the largest tensors of its graph) were made."""
-    r_ = report
-    lines = [f"memory grows {r_.growth / MB:.3f} MiB/step in the {r_.loop} loop ({r_.key}, Theil-Sen slope over "
-             f"{r_.window} steps, above {r_.threshold / MB:g} MiB/step for {r_.window} steps)",
-             f"live tensors that grew between {r_.loop} steps {r_.first_step} and {r_.step}:"]
-    for r in r_.groups[:20]:
+    lines = [f"memory grows {report.growth / MB:.3f} MiB/step in the {report.loop} loop ({report.key}, Theil-Sen slope over "
+             f"{report.window} steps, above {report.threshold / MB:g} MiB/step for {report.window} steps)",
+             f"live tensors that grew between {report.loop} steps {report.first_step} and {report.step}:"]
+    for r in report.groups[:20]:
         graph = r.get("graph", [])
         line = (f"  +{r['count_per_iter']:g}/step  {r['count']} x {r['shape']} {r['dtype']} {r['device']}"
                 f"  = {r['bytes_per_iter'] / MB:.3f} MiB/step")
@@ -103,8 +102,8 @@ def format_report(report: LeakReport) -> str:
         for g in graph[:3]:
             lines += [f"      its graph's {g['shape']} {g['dtype']} made at {place}  ({n} of {total})"
                       for place, n, total in g.get("made_at_counts", [])]
-    if not r_.groups:
+    if not report.groups:
         lines.append("  (none reachable from Python: the growth is in allocator caches or C++-held memory)")
-    if r_.snapshot_file:
-        lines.append(f"CUDA allocator history of those steps: {r_.snapshot_file} (open in https://pytorch.org/memory_viz)")
+    if report.snapshot_file:
+        lines.append(f"CUDA allocator history of those steps: {report.snapshot_file} (open in https://pytorch.org/memory_viz)")
     return "\n".join(lines) + "\n"
