@@ -52,40 +52,19 @@ def sharp_edge_samples(verts: torch.Tensor, faces: torch.Tensor, angle: float, p
     return (verts[sharp[:, 0], None] * (1 - t) + verts[sharp[:, 1], None] * t).reshape(-1, 3)
 
 
-class CandidatesOntoMesh(torch.nn.Module):
-    """The network with every candidate of a patch moved to its closest mesh point (in the shape's frame) before
-    the farthest-point selection. ``frame`` (centre, scale) of the patch being upsampled is set by the caller."""
-
-    def __init__(self, net, verts: torch.Tensor, faces: torch.Tensor) -> None:
-        super().__init__()
-        self.net, self.verts, self.faces, self.up_ratio = net, verts, faces, net.up_ratio
-        self.frame: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def forward(self, patch: torch.Tensor) -> dict:
-        cand = self.net(patch)["candidates"][0].double()
-        centre, scale = self.frame
-        moved = closest_points_on_mesh(cand * scale + centre, self.verts, self.faces)[0]
-        moved = ((moved - centre) / scale).float()
-        return {"dense": moved[farthest_point_sample(moved[None], patch.shape[1] * self.up_ratio)[0]][None]}
-
-
 def upsample_onto_mesh(net, shape: dict, protocol: dict) -> torch.Tensor:
-    """``upsample_shape`` with ``CandidatesOntoMesh``: each patch's frame handed to the wrapper as it is made."""
-    import src.models.pu_inn.module as module
+    """``upsample_shape`` with every candidate of each patch moved to its closest mesh point (in the shape's frame)
+    before the farthest-point selection."""
+    verts, faces = torch.as_tensor(shape["verts"]).double(), torch.as_tensor(shape["faces"])
 
-    wrapper = CandidatesOntoMesh(net, torch.as_tensor(shape["verts"]).double(), torch.as_tensor(shape["faces"]))
+    def onto_mesh(normed: torch.Tensor, centre: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        centre, scale = centre.double(), scale.double()
+        cand = net(normed[None])["candidates"][0].double()
+        moved = closest_points_on_mesh(cand * scale + centre, verts, faces)[0]
+        moved = ((moved - centre) / scale).float()
+        return moved[farthest_point_sample(moved[None], normed.shape[0] * net.up_ratio)[0]]
 
-    def normalize(points):
-        normed, centre, scale = normalize_unit_sphere(points)
-        wrapper.frame = (centre.double(), scale.double())
-        return normed, centre, scale
-
-    original = module.normalize_unit_sphere
-    module.normalize_unit_sphere = normalize
-    try:
-        return upsample_shape(wrapper, shape["input"], **protocol)
-    finally:
-        module.normalize_unit_sphere = original
+    return upsample_shape(net, shape["input"], **protocol, patch_fn=onto_mesh)
 
 
 def main() -> None:

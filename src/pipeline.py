@@ -172,7 +172,7 @@ def evaluate(cfg: DictConfig, ckpt_path: str, render: str = "test", source: dict
     frames = model.hparams.get("render_path_frames") or 120
     if "render_path_frames" in model.hparams:
         model.hparams.render_path_frames = 0  # the video is rendered below, when asked, not after testing
-    load_weights(model, ckpt_path, cfg.model._target_)  # before the trainer: a checkpoint that does not fit writes nothing
+    load_weights(model, ckpt_path)  # before the trainer, so a checkpoint that does not fit writes no config
     trainer = _trainer(cfg, out_dir, max_steps=-1)
     metrics: dict = {f"eval/{k}": v for k, v in (source or {}).items()}
     if render in ("test", "both"):
@@ -191,13 +191,14 @@ def evaluate(cfg: DictConfig, ckpt_path: str, render: str = "test", source: dict
     return _report(trainer, model, datamodule, out_dir, metrics)
 
 
-def load_weights(model: Method, ckpt_path: str, target: str) -> None:
+def load_weights(model: Method, ckpt_path: str) -> None:
     """The checkpoint's weights into ``model`` as ``trainer.test(ckpt_path=...)`` would load them (the module's own
     hook first: DVGO reshapes its grids), without the training callbacks' state, which an evaluation has no use for.
     Weights that do not fit the configured method (another method's checkpoint, or a config whose sizes no longer
     match it) stop here with an error that names the file, the method and the first keys that differ."""
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     state = ckpt["state_dict"]
+    target = f"{type(model).__module__}.{type(model).__qualname__}"
     problems = []
     try:
         model.on_load_checkpoint(ckpt)  # may resize or add parameters to fit the checkpoint
@@ -214,7 +215,6 @@ def load_weights(model: Method, ckpt_path: str, target: str) -> None:
                          "model sizes? eval.py reads the config of the checkpoint's own run; override model "
                          "settings only where the weights allow it")
     model.load_state_dict(state)
-    del ckpt
 
 
 def _test_metrics(trainer: L.Trainer) -> dict:

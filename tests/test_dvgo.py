@@ -307,10 +307,10 @@ def test_weights_that_do_not_fit_the_method_stop_with_an_error_naming_them(make_
     proto = instantiate(make_cfg("experiment=proto_depth_smoke").model, _convert_="all")
     with pytest.raises(ValueError, match=rf"ckpt_path={ckpt}: its weights do not fit model._target_={target}: "
                                          r"\d+ missing parameters .*\d+ unexpected parameters \(e.g. net\."):
-        load_weights(proto, str(ckpt), target)
+        load_weights(proto, str(ckpt))
     wider = instantiate(make_cfg("experiment=pu_inn_smoke", "model.net.hidden=48").model, _convert_="all")
     with pytest.raises(ValueError, match=r"resized parameters \(e.g. net\.blocks"):
-        load_weights(wider, str(ckpt), "src.models.pu_inn.module.PUINNModule")
+        load_weights(wider, str(ckpt))
     same = instantiate(make_cfg("experiment=pu_inn_smoke").model, _convert_="all")
-    load_weights(same, str(ckpt), "src.models.pu_inn.module.PUINNModule")  # a fitting checkpoint loads
+    load_weights(same, str(ckpt))  # a fitting checkpoint loads
     assert all(torch.equal(a, b) for a, b in zip(same.state_dict().values(), pu_inn.state_dict().values()))

@@ -521,8 +521,8 @@ def test_auto_runs_every_triton_kernel_on_cuda_tensors_and_keeps_it():
     checks each against the reference on its first call and keeps it: no op falls back on real CUDA tensors."""
     g = torch.Generator().manual_seed(0)
     n_rays, per_ray = 512, 24
-    ray_id = torch.arange(n_rays).repeat_interleave(per_ray).cuda()
-    density = torch.randn(n_rays * per_ray, generator=g).cuda().requires_grad_()
+    ray_id = torch.arange(n_rays).repeat_interleave(per_ray).to(DEV)  # DEV: the module's device (CUDA here)
+    density = torch.randn(n_rays * per_ray, generator=g).to(DEV).requires_grad_()
     with kernels.use_backend("auto"):
         alpha = kernels.raw2alpha(density, -4.0, 0.5)
         weights, _, _ = kernels.alpha_to_weights(alpha, ray_id, n_rays, 1e-3)

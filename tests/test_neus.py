@@ -15,7 +15,7 @@ from src.data.datamodule import NeuSDataModule
 from src.data.generate import NEUS_SCALE, write_neus
 from src.data.neus import GL_FROM_CV, decompose_projection, load_neus
 from src.data.scene import default_scene
-from src.geometry import chamfer_fscore, extract_mesh, read_mesh, sample_surface, write_ply
+from src.geometry import chamfer_fscore, extract_mesh, read_mesh, sample_surface, write_mesh
 from src.models.neus import NeuSModule
 from src.models.neus.network import SDFNetwork
 from src.pipeline import run
@@ -193,7 +193,7 @@ def test_marching_cubes_of_an_analytic_sdf_has_chamfer_near_zero(tmp_path):
     scene = default_scene()
     gt = scene.sample_surface(20000, seed=0)
     verts, faces = extract_mesh(lambda p: scene.sdf(p).float(), (-1.2,) * 3, (1.2,) * 3, 128, block=48)
-    path = write_ply(tmp_path / "scene.ply", verts, faces)
+    path = write_mesh(tmp_path / "scene.ply", verts, faces)
     v2, f2 = read_mesh(path)
     np.testing.assert_allclose(v2, verts, atol=1e-6)
     np.testing.assert_array_equal(f2, faces)

@@ -15,6 +15,7 @@ import torch
 from src.callbacks import SummaryCallback
 from src.models.method import Method
 
+
 class Throughput(SummaryCallback):
     def __init__(self, window: int = 20) -> None:
         self.window = window

@@ -1,7 +1,8 @@
 """Files made once and shared, and files that must never be half-written: generated scenes and patch caches that
-several jobs of a sweep, DDP ranks or runs on a shared machine may ask for at the same moment, and checkpoints. Each is made under an exclusive file lock (the first job makes it,
-the others wait and then read it) and published by renaming a per-process temporary copy into place, so nobody
-ever reads a half-written file and an interrupted job leaves nothing behind but its own temporary copy."""
+several jobs of a sweep, DDP ranks or runs on a shared machine may ask for at the same moment, and checkpoints.
+Shared ones are made under an exclusive file lock (the first job makes them, the others wait and then read them);
+all are written to a per-process temporary twin and renamed into place, so nobody ever reads a half-written file
+and an interrupted job leaves nothing behind."""
 from __future__ import annotations
 
 import contextlib
@@ -46,15 +47,22 @@ def temporary_twin(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp{os.getpid()}")
 
 
-def save_atomic(obj: object, path: Path) -> Path:
-    """``torch.save`` to a temporary twin, then rename into place: ``path`` is either the old file or the whole
-    new one, never a partial write."""
+@contextlib.contextmanager
+def replaced_atomically(path: Path) -> Iterator[Path]:
+    """Yield a temporary twin of ``path`` to write; when the block ends normally it replaces ``path`` (which is then
+    either the old file or the whole new one, never a partial write), else it is removed."""
     tmp = temporary_twin(path)
     try:
-        torch.save(obj, tmp)
+        yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def save_atomic(obj: object, path: Path) -> Path:
+    """``torch.save`` through :func:`replaced_atomically`."""
+    with replaced_atomically(path) as tmp:
+        torch.save(obj, tmp)
     return path
 
 
@@ -97,9 +105,5 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict, path, storage_options: object | None = None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temporary_twin(path)
-        try:
+        with replaced_atomically(path) as tmp:
             super().save_checkpoint(checkpoint, tmp, storage_options)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from src.data.errors import DataError, missing_root
 from src.data.cache import write_once
-from src.data.point_patches import PatchDraws, augment, check_normalize, draw_input, load_test_shapes  # noqa: F401
+from src.data.point_patches import PatchDraws, augment, check_normalize, draw_input, load_test_shapes
 from src.geometry.mesh import icosphere
 from src.geometry.mesh_io import write_mesh
 from src.geometry.pu_metrics import normalize_unit_sphere

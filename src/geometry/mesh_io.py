@@ -1,4 +1,4 @@
-"""Mesh and point-cloud files, through trimesh: any OBJ / OFF / PLY read as triangles, PLY and OFF written,
+"""Mesh and point-cloud files, through trimesh: any OBJ / OFF / PLY read as triangles, written in the format a file's suffix names,
 ASCII point clouds (``.xyz``) read. A file that is not what it should be raises
 :class:`~src.data.errors.DataError` naming it."""
 from __future__ import annotations
@@ -49,11 +49,6 @@ def write_mesh(path: str | Path, verts: np.ndarray, faces: np.ndarray, digits: i
     kwargs = {"digits": digits} if digits is not None and path.suffix.lower() in (".off", ".obj") else {}
     mesh.export(path, **kwargs)
     return path
-
-
-def write_ply(path: str | Path, verts: np.ndarray, faces: np.ndarray) -> Path:
-    """A binary PLY of the triangles (:func:`write_mesh`); read back by :func:`read_mesh`."""
-    return write_mesh(Path(path), verts, faces)
 
 
 def read_xyz(path: str | Path) -> np.ndarray:

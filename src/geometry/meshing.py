@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from src.geometry.mesh import extract_mesh
-from src.geometry.mesh_io import write_ply
+from src.geometry.mesh_io import write_mesh
 from src.geometry.metrics import chamfer_fscore
 from src.geometry.sampling import sample_surface
 
@@ -32,17 +32,19 @@ def export_mesh(model: Method, datamodule: RayScene, path: str | Path, resolutio
         model.train(was_training)
     if len(verts):
         verts = datamodule.to_world(torch.from_numpy(verts)).numpy()
-    write_ply(path, verts, faces)
+    write_mesh(path, verts, faces)
     return verts, faces
 
 
-def mesh_metrics(verts: np.ndarray, faces: np.ndarray, gt: torch.Tensor, n_points: int, threshold: float) -> dict[str, float]:
+def mesh_metrics(verts: np.ndarray, faces: np.ndarray, gt: torch.Tensor, n_points: int,
+                 threshold: float) -> dict[str, float]:
     """Chamfer / F-score between ``n_points`` samples of the mesh and the ground-truth points ``gt``."""
     pred = sample_surface(verts, faces, n_points) if len(faces) else torch.zeros(0, 3, dtype=torch.float64)
     return chamfer_fscore(pred, gt, threshold)
 
 
-def score_against_truth(verts: np.ndarray, faces: np.ndarray, datamodule: RayScene, n_points: int, threshold: float) -> dict[str, float] | None:
+def score_against_truth(verts: np.ndarray, faces: np.ndarray, datamodule: RayScene, n_points: int,
+                        threshold: float) -> dict[str, float] | None:
     """:func:`mesh_metrics` against the data's ground-truth surface, plus ``chamfer_floor`` (a second exact
     sample of the true surface against the first: the metric's resolution); None when the data has none."""
     gt = datamodule.gt_surface()

@@ -67,9 +67,10 @@ def even_surface_sample(verts: np.ndarray, faces: np.ndarray, n: int, oversample
     seeded), in ``dtype``, thinned by farthest-point sampling from sample ``start`` (None: a sample drawn with the
     same seed), close to a Poisson-disk sample: the PU benchmark's ground truth (``oversample`` 8, ``start`` 0)
     and the meshes' training patches. -> (n, 3), with ``return_normals`` also each point's triangle's unit normal."""
-    dense, normals = sample_surface(verts, faces, oversample * n, seed=seed, return_normals=True)
-    dense, normals = dense.to(dtype), normals.to(dtype)
+    dense = sample_surface(verts, faces, oversample * n, seed=seed, return_normals=return_normals)
+    dense, normals = dense if return_normals else (dense, None)
+    dense = dense.to(dtype)
     if start is None:
         start = int(torch.randint(oversample * n, (1,), generator=torch.Generator().manual_seed(seed)))
     keep = farthest_point_sample(dense, n, start=start)
-    return (dense[keep], normals[keep]) if return_normals else dense[keep]
+    return (dense[keep], normals.to(dtype)[keep]) if return_normals else dense[keep]

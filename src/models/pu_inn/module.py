@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -39,14 +40,17 @@ def remove_outliers(points: torch.Tensor, k: int = 8, std_ratio: float = 3.0) ->
 
 
 def upsample_shape(model: PUINN, points: torch.Tensor, patch_size: int = 256, patch_ratio: float = 3.0,
-                   merge_input: bool = False, outlier_std: float | None = None, n_outliers: int = 0) -> torch.Tensor:
+                   merge_input: bool = False, outlier_std: float | None = None, n_outliers: int = 0,
+                   patch_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+                   ) -> torch.Tensor:
     """PU-GAN's test-time patching: ``patch_ratio * N / patch_size`` farthest-point seeds, the ``patch_size``
     nearest points of each seed as a patch normalised to the unit sphere, each patch upsampled, mapped back,
     all merged and thinned by farthest-point sampling to r x N points. PU-Flow's variant (its ``evaluate_pflow.py``):
     ``patch_ratio`` 4, the input patches merged into the result before thinning (``merge_input``), thinning to
     r x N + ``n_outliers`` points and then dropping the ``n_outliers`` of them farthest from the input (32 in
     PU-Flow's release). ``outlier_std``: statistical outlier removal of the merged cloud before thinning (None:
-    off, as PU-GAN and PU-Flow)."""
+    off, as PU-GAN and PU-Flow). ``patch_fn(normed, centre, scale)``: upsamples one patch (P, 3), normalised to its
+    unit sphere by ``centre`` and ``scale``, to (r P, 3) in the same frame (default: ``model``'s dense output)."""
     n = points.shape[0]
     n_patches = max(1, int(round(patch_ratio * n / patch_size)))
     seeds = farthest_point_sample(points, min(n_patches, n))
@@ -54,7 +58,7 @@ def upsample_shape(model: PUINN, points: torch.Tensor, patch_size: int = 256, pa
     outs = []
     for patch in points[near]:  # (patch_size, 3)
         normed, centre, scale = normalize_unit_sphere(patch)
-        up = model(normed[None])["dense"][0]
+        up = model(normed[None])["dense"][0] if patch_fn is None else patch_fn(normed, centre, scale)
         outs.append(up * scale + centre)
         if merge_input:
             outs.append(patch)
