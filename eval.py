@@ -8,6 +8,7 @@ import hydra
 from omegaconf import DictConfig
 
 import src.config  # noqa: F401  (registers the config resolvers)
+from src.stop import Stopped
 
 # eval.py's own keys and Hydra's flags; every other argument overrides the run's saved config
 _OWN = ("ckpt_path=", "render=", "task_name=", "hydra.", "hydra/", "paths.log_dir=")
@@ -41,8 +42,11 @@ def main(cfg: DictConfig) -> float | None:
     ckpt = Path(cfg.ckpt_path).expanduser().resolve()
     run_cfg, run_dir = load_run_config(ckpt)
     run_cfg = repoint(apply_overrides(run_cfg, RUN_OVERRIDES), cfg.paths.output_dir)
-    metrics = evaluate(run_cfg, str(ckpt), cfg.render,
-                       source={"ckpt_path": str(ckpt), "run_dir": str(run_dir), "overrides": " ".join(RUN_OVERRIDES)})
+    try:
+        metrics = evaluate(run_cfg, str(ckpt), cfg.render,
+                           source={"ckpt_path": str(ckpt), "run_dir": str(run_dir), "overrides": " ".join(RUN_OVERRIDES)})
+    except Stopped as stopped:  # a signal: the message is logged; exit as signalled
+        sys.exit(stopped.exit_code)
     from src.callbacks.sweep import optimized_metric
 
     value = metrics.get(optimized_metric(run_cfg))

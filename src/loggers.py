@@ -1,12 +1,17 @@
-"""Logger factories the ``conf/logger`` presets build, what a run sends to W&B when it ends, and the core
-share of each job of a parallel sweep."""
+"""Logger factories the ``conf/logger`` presets build (a CSV logger and a W&B logger that a resumed run continues
+in place), and what a run sends to W&B when it ends."""
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import netrc
 import os
 from pathlib import Path
+
+from lightning.pytorch.loggers import CSVLogger as _LightningCSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +24,55 @@ def wandb_logged_in() -> bool:
         return netrc.netrc().authenticators("api.wandb.ai") is not None
     except (FileNotFoundError, netrc.NetrcParseError, OSError):
         return False
+
+
+class _ContinuingWriter(ExperimentWriter):
+    """Lightning's CSV writer deletes an existing ``metrics.csv`` when it starts; a run resumed in place from a
+    checkpoint at global step ``keep_below`` keeps the rows of the steps before it instead (rows of later steps,
+    logged after that checkpoint was written, are logged again by the resumed run) and appends."""
+
+    def __init__(self, log_dir: str, keep_below: int) -> None:
+        self.keep_below = keep_below
+        super().__init__(log_dir)
+
+    def _check_log_dir_exists(self) -> None:
+        if not self._fs.isfile(self.metrics_file_path):
+            return
+        with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+            reader = csv.DictReader(f)
+            keys = list(reader.fieldnames or [])
+            rows = [r for r in reader if not r.get("step") or int(float(r["step"])) < self.keep_below]
+        with self._fs.open(self.metrics_file_path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(rows)
+        self.metrics_keys = keys  # new keys rewrite the header, as for a fresh file
+
+
+class CSVLogger(_LightningCSVLogger):
+    """Lightning's ``CSVLogger`` (``conf/logger/csv.yaml``), which :meth:`continue_from` makes keep and append to the
+    ``metrics.csv`` of the run it resumes in place."""
+
+    _keep_below: int | None = None
+
+    def continue_from(self, step: int) -> None:
+        """Keep the rows of the steps before ``step`` (the resumed checkpoint's global step); call before logging."""
+        self._keep_below = int(step)
+
+    @property
+    def experiment(self):
+        if self._experiment is None and self._keep_below is not None and rank_zero_only.rank == 0:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ContinuingWriter(self.log_dir, self._keep_below)
+        return super().experiment
+
+
+def wandb_run_id(save_dir: str | Path) -> str | None:
+    """The id of the W&B run recorded under ``<save_dir>/wandb`` (its newest ``[offline-]run-<time>-<id>``
+    folder), which a run resumed in place logs to again; None when there is none."""
+    runs = sorted((p for p in (Path(save_dir) / "wandb").glob("*run-*-*") if p.is_dir()),
+                  key=lambda p: p.name.split("run-", 1)[1])
+    return runs[-1].name.rsplit("-", 1)[1] if runs else None
 
 
 def wandb_logger(save_dir: str, project: str = "neural3d", name: str | None = None, group: str | None = None,

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import signal
 import time
 import warnings
 import zipfile
@@ -12,15 +14,18 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from src import kernels
+from src import kernels, stop
 from src.callbacks import SummaryCallback
+from src.callbacks.stop import StopOnSignal
 from src.data.cache import AtomicCheckpointIO
 from src.loggers import wandb_loggers, wandb_results
 from src.metrics import lpips_model
 from src.models.method import Method
 from src.process import peak_rss_mb, reset_peak_rss, share_cores_in_parallel_sweeps
+from src.run_config import checkpoint_step, latest_checkpoint, run_dir_of
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +67,9 @@ def _finish_loggers(trainer: L.Trainer) -> None:
             # finish() can return before the W&B service has flushed and closed the run's record log; tearing
             # the service down waits for that, so the run dir is complete (`wandb sync`-able) when we return.
             wandb.teardown()
-        if offline and trainer.is_global_zero:
-            log.info("W&B run saved offline in %s; upload it with: wandb sync %s", run_dir, run_dir)
+        if offline and trainer.is_global_zero:  # a resumed run's segments share the run id: sync them all
+            segments = f"{run_dir.parent}/offline-run-*-{experiment.id}"
+            log.info("W&B run saved offline in %s; upload it with: wandb sync %s", run_dir, segments)
 
 
 def check_checkpoint(path: str | None) -> None:
@@ -83,9 +89,22 @@ def check_checkpoint(path: str | None) -> None:
         raise ValueError(f"ckpt_path={path}: not a Lightning checkpoint (no state_dict)")
 
 
+def check_writable(out_dir: Path) -> None:
+    """Stop before anything is read or trained when the run dir cannot be made or written (a read-only mount, a
+    full disk, another user's folder), naming ``paths.output_dir``."""
+    probe = out_dir / f".write_probe_{os.getpid()}"
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise PermissionError(f"paths.output_dir={out_dir}: the run dir cannot be written ({e.strerror or e}); "
+                              "point paths.log_dir (or hydra.run.dir) at a writable folder") from e
+
+
 def _setup(cfg: DictConfig) -> Path:
     out_dir = Path(cfg.paths.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_writable(out_dir)
     L.seed_everything(cfg.seed, workers=True)
     reset_peak_memory()  # memory/peak_mb is this run's (a multirun trains several in one process)
     share_cores_in_parallel_sweeps()
@@ -95,10 +114,32 @@ def _setup(cfg: DictConfig) -> Path:
     return out_dir
 
 
-def _trainer(cfg: DictConfig, out_dir: Path, max_steps: int) -> L.Trainer:
+def _loggers(cfg: DictConfig, out_dir: Path, resume_step: int | None) -> list:
+    """The configured loggers; for a run resumed in place (``resume_step``: its checkpoint's global step) the CSV
+    log keeps its earlier rows and the W&B run is continued under its id (one run, not two)."""
+    from src.loggers import CSVLogger, wandb_run_id
+
+    loggers = []
+    for c in (cfg.get("logger") or {}).values():
+        if c is None or "_target_" not in c:
+            continue
+        extra = {}
+        if resume_step is not None and c._target_ == "src.loggers.wandb_logger":
+            run_id = wandb_run_id(c.save_dir)
+            if run_id:
+                extra = {"id": run_id, "resume": "allow"}
+        logger = instantiate(c, **extra)
+        if resume_step is not None and isinstance(logger, CSVLogger):
+            logger.continue_from(resume_step)
+        loggers.append(logger)
+    return loggers
+
+
+def _trainer(cfg: DictConfig, out_dir: Path, max_steps: int, resume_step: int | None = None) -> L.Trainer:
     trainer: L.Trainer = instantiate(cfg.trainer, max_steps=max_steps, default_root_dir=str(out_dir),
-                                     callbacks=_instantiate_all(cfg.get("callbacks")),
-                                     logger=_instantiate_all(cfg.get("logger")) or False,
+                                     callbacks=[*_instantiate_all(cfg.get("callbacks")),
+                                                StopOnSignal(out_dir / "checkpoints")],  # src/stop.py
+                                     logger=_loggers(cfg, out_dir, resume_step) or False,
                                      plugins=[AtomicCheckpointIO()])  # a kill mid-write keeps the last checkpoint
     if trainer.is_global_zero:
         (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -120,37 +161,83 @@ def _method(cfg: DictConfig) -> Method:
     return model
 
 
+def resumes_in_place(cfg: DictConfig) -> bool:
+    """Whether ``cfg.ckpt_path`` belongs to the run dir ``cfg.paths.output_dir`` itself (``train.py resume=RUN``,
+    ``ckpt_path=RUN/checkpoints/...`` from the command line, a requeued SLURM job): the run continues there."""
+    return bool(cfg.ckpt_path) and run_dir_of(cfg.ckpt_path) == Path(cfg.paths.output_dir).resolve()
+
+
 def run(cfg: DictConfig) -> dict:
-    """Train ``cfg.model`` on ``cfg.data`` and test it; returns the flat metrics written to metrics.json."""
+    """Train ``cfg.model`` on ``cfg.data`` and test it; returns the flat metrics written to metrics.json. A signal
+    (SIGTERM, SIGINT; under SLURM the requeue signal) stops it within seconds with :class:`src.stop.Stopped`, after
+    writing ``last.ckpt`` if a step was taken; its message says how to resume."""
+    with stop.handling_signals():
+        return _run(cfg)
+
+
+def _run(cfg: DictConfig) -> dict:
     out_dir = _setup(cfg)
     check_checkpoint(cfg.ckpt_path)
-    tic = time.perf_counter()
-    datamodule = instantiate(cfg.data)
-    datamodule.prepare_data()  # fails here, naming the path, before anything is written
-    datamodule.setup("fit")
-    load_s = time.perf_counter() - tic
+    resume_step = checkpoint_step(cfg.ckpt_path) if resumes_in_place(cfg) else None
+    if resume_step is not None:
+        log.info("resuming in place in %s from %s (step %d)", out_dir, cfg.ckpt_path, resume_step)
+    trainer = None
+    try:
+        tic = time.perf_counter()
+        datamodule = instantiate(cfg.data)
+        datamodule.prepare_data()  # fails here, naming the path, before anything is written
+        datamodule.setup("fit")
+        load_s = time.perf_counter() - tic
 
-    model = _method(cfg)
-    max_steps = cfg.trainer.max_steps if cfg.trainer.max_steps is not None else model.total_steps
-    trainer = _trainer(cfg, out_dir, max_steps)
+        model = _method(cfg)
+        max_steps = cfg.trainer.max_steps if cfg.trainer.max_steps is not None else model.total_steps
+        trainer = _trainer(cfg, out_dir, max_steps, resume_step)
 
-    tic = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-    train_s = time.perf_counter() - tic
-    fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-    fit_metrics.update(model.fit_facts())  # a method's words on its numbers (e.g. estimators)
-    trainer.save_checkpoint(out_dir / "checkpoints" / "final.ckpt", weights_only=False)  # resumable, as last.ckpt
+        tic = time.perf_counter()
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        train_s = time.perf_counter() - tic
+        fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        fit_metrics.update(model.fit_facts())  # a method's words on its numbers (e.g. estimators)
+        trainer.save_checkpoint(out_dir / "checkpoints" / "final.ckpt", weights_only=False)  # resumable, as last.ckpt
 
-    datamodule.setup("test")
-    trainer.test(model, datamodule=datamodule, verbose=False)
-    metrics = {**fit_metrics, **_test_metrics(trainer)}
-    metrics.update({
-        "time/load_s": round(load_s, 2),
-        "time/train_s": round(train_s, 2),
-        **{f"time/{k}_s": round(v, 2) for k, v in model.stage_times().items()},
-        "train/steps": int(trainer.global_step),
-    })
-    return _report(trainer, model, datamodule, out_dir, metrics)
+        datamodule.setup("test")
+        trainer.test(model, datamodule=datamodule, verbose=False)
+        metrics = {**fit_metrics, **_test_metrics(trainer)}
+        metrics.update({
+            "time/load_s": round(load_s, 2),
+            "time/train_s": round(train_s, 2),
+            **{f"time/{k}_s": round(v, 2) for k, v in model.stage_times().items()},
+            "train/steps": int(trainer.global_step),
+        })
+        return _report(trainer, model, datamodule, out_dir, metrics)
+    except (stop.Stopped, SIGTERMException) as e:
+        raise _stopped(e, trainer, out_dir) from None
+
+
+def _stopped(e: BaseException, trainer: L.Trainer | None, out_dir: Path) -> stop.Stopped:
+    """Close the loggers of a stopped run (the CSV rows so far written, W&B finished) and say what was kept and
+    how to go on; the :class:`src.stop.Stopped` to raise."""
+    stopped = e if isinstance(e, stop.Stopped) else stop.Stopped(stop.requested() or signal.SIGTERM, "training")
+    guard = next((c for c in trainer.callbacks if isinstance(c, StopOnSignal)), None) if trainer else None
+    last = latest_checkpoint(out_dir)
+    name = signal.Signals(stopped.signum).name
+    if trainer is not None:
+        for logger in trainer.loggers:
+            if not type(logger).__name__ == "WandbLogger":
+                logger.save()
+        _finish_loggers(trainer)
+    if trainer is not None and trainer.global_step > 0 and last is not None:
+        msg = (f"Stopped by {name} during {stopped.where}. The run's last checkpoint is {last} (step "
+               f"{checkpoint_step(last)} of {trainer.max_steps}); continue this run in its own folder with:\n"
+               f"    python train.py resume={out_dir}")
+    else:
+        msg = (f"Stopped by {name} during {stopped.where}, before the first training step: no checkpoint was "
+               f"written, nothing to resume; start the run again ({out_dir} holds no result).")
+    if guard is not None and guard.requeue_note:
+        msg += f"\n{guard.requeue_note}"
+    log.warning(msg)
+    stopped.message = msg
+    return stopped
 
 
 def evaluate(cfg: DictConfig, ckpt_path: str, render: str = "test", source: dict | None = None) -> dict:
@@ -161,6 +248,17 @@ def evaluate(cfg: DictConfig, ckpt_path: str, render: str = "test", source: dict
     its run, the overrides) goes into metrics.json under ``eval/*``. Returns the metrics."""
     if render not in ("test", "path", "both"):
         raise ValueError(f"render must be test, path or both, got {render!r}")
+    try:
+        with stop.handling_signals():
+            return _evaluate(cfg, ckpt_path, render, source)
+    except stop.Stopped as stopped:
+        stopped.message = (f"Stopped by {signal.Signals(stopped.signum).name} during {stopped.where}: the evaluation "
+                           f"of {ckpt_path} is incomplete (the checkpoint is untouched); run it again")
+        log.warning(stopped.message)
+        raise
+
+
+def _evaluate(cfg: DictConfig, ckpt_path: str, render: str, source: dict | None) -> dict:
     out_dir = _setup(cfg)
     check_checkpoint(ckpt_path)
     tic = time.perf_counter()

@@ -1,9 +1,13 @@
-"""What ``eval.py`` does before testing: find a checkpoint's run, load the config that run saved, and apply the
-command line's overrides to it (``key=value`` as Hydra takes them, ``group=option`` to swap a whole group, e.g.
-``data=lego``)."""
+"""A run's saved config, for ``eval.py`` and for resuming: find a checkpoint's run, load the config that run saved,
+and apply the command line's overrides to it (``key=value`` as Hydra takes them, ``group=option`` to swap a whole
+group, e.g. ``data=lego``); decide which run dir ``train.py`` continues in (``resume=RUN``, ``ckpt_path=`` inside a
+run dir, a requeued SLURM job) and from which checkpoint."""
 from __future__ import annotations
 
 import logging
+import os
+import time
+from functools import lru_cache
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -18,6 +22,84 @@ def run_dir_of(ckpt_path: str | Path) -> Path:
     """The run a checkpoint belongs to: ``RUN/checkpoints/<name>.ckpt`` -> ``RUN`` (else the file's folder)."""
     ckpt = Path(ckpt_path).resolve()
     return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+
+
+def checkpoint_step(path: str | Path) -> int:
+    """The global step a Lightning checkpoint was written at (its tensors are mapped, not read)."""
+    import torch
+
+    return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("global_step", 0))
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint of ``RUN/checkpoints`` with the most training steps (``last.ckpt`` on a tie, then
+    ``final.ckpt``), or None; unreadable files (a write cut short by a kill) are passed over."""
+    found = []
+    for rank, path in enumerate(sorted((Path(run_dir) / "checkpoints").glob("*.ckpt"),
+                                       key=lambda p: (p.name != "last.ckpt", p.name != "final.ckpt", p.name))):
+        try:
+            found.append((checkpoint_step(path), -rank, path))
+        except Exception:  # noqa: BLE001 - not a checkpoint we can resume from; the others may be
+            log.warning("resume: %s is not a readable checkpoint; passed over", path)
+    return max(found)[2] if found else None
+
+
+def _has_run_config(run_dir: Path) -> bool:
+    return (run_dir / ".hydra" / "config.yaml").is_file() or (run_dir / "config.yaml").is_file()
+
+
+def slurm_restarted() -> bool:
+    """This SLURM job was requeued (SLURM counts its restarts)."""
+    return "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
+
+
+def slurm_tag() -> str:
+    """The suffix of a SLURM job's run dir (``_slurm<job id>``), by which its requeued self finds it again."""
+    from src.stop import on_slurm, slurm_job_id
+
+    return f"_slurm{slurm_job_id()}" if on_slurm() and slurm_job_id() else ""
+
+
+def resume_dir(resume: str | None, ckpt_path: str | None, runs_dir: str | Path, current: str | Path | None = None
+               ) -> Path | None:
+    """The run dir that ``train.py`` continues in, or None for a new run: ``resume=RUN``; the run dir of a
+    ``ckpt_path`` inside one (``RUN/checkpoints/x.ckpt`` next to ``RUN/.hydra/config.yaml``); for a requeued SLURM
+    job, its own run dir (``current``, a sweep job's fixed folder, or the newest ``runs_dir/*_slurm<job id>``) once
+    it holds a checkpoint."""
+    if resume:
+        return Path(str(resume)).expanduser().resolve()
+    if ckpt_path and _has_run_config(run_dir_of(ckpt_path)):
+        return run_dir_of(ckpt_path)
+    if slurm_restarted():
+        if current is not None and latest_checkpoint(current) is not None:
+            return Path(current).resolve()
+        mine = sorted(Path(runs_dir).glob(f"*{slurm_tag()}")) if slurm_tag() else []
+        mine = [d for d in mine if latest_checkpoint(d) is not None]
+        if mine:
+            return mine[-1].resolve()
+    return None
+
+
+@lru_cache(maxsize=1)
+def _started() -> str:
+    return time.strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def hydra_run_dir(runs_dir: str, stamp: str, _root_) -> str:
+    """``hydra.run.dir`` of ``train.py``: the run being resumed (:func:`resume_dir`), else a new
+    ``runs_dir/<stamp>`` (``_slurm<job id>`` appended in a SLURM job, so its requeued self finds it)."""
+    if "resume" not in _root_:  # eval.py: always a new folder
+        return f"{runs_dir}/{stamp}"
+    found = resume_dir(_root_.get("resume"), _root_.get("ckpt_path"), runs_dir)
+    return str(found) if found is not None else f"{runs_dir}/{stamp}{slurm_tag()}"
+
+
+def hydra_output_subdir(runs_dir: str, _root_) -> str:
+    """Where Hydra writes its record of the command: ``.hydra``, or for a resumed run ``.hydra/resumed_<time>`` so the
+    run's own ``.hydra/config.yaml`` (what it was started with, what eval.py reads) is kept."""
+    if "resume" in _root_ and resume_dir(_root_.get("resume"), _root_.get("ckpt_path"), runs_dir) is not None:
+        return f".hydra/resumed_{_started()}"
+    return ".hydra"
 
 
 def load_run_config(ckpt_path: str | Path) -> tuple[DictConfig, Path]:
@@ -43,9 +125,14 @@ def _group_node(group: str, option: str) -> DictConfig:
     from hydra.core.global_hydra import GlobalHydra
 
     if GlobalHydra.instance().is_initialized():  # inside eval.py's @hydra.main (same conf/ tree)
-        return compose("train", overrides=[f"{group}={option}"])[group]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=[f"{group}={option}"])[group]
+        composed = compose("train", overrides=[f"{group}={option}"])
+    else:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            composed = compose("train", overrides=[f"{group}={option}"])
+    if group not in composed:  # a preset of the global package (experiment=...): it sets keys all over the config
+        raise ValueError(f"{group}={option}: a conf/{group} preset sets keys across the whole config and cannot be "
+                         "applied to a saved run's config; override the keys you want to change instead")
+    return composed[group]
 
 
 def apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
@@ -92,3 +179,35 @@ def repoint(cfg: DictConfig, out_dir: str) -> DictConfig:
         if cfg.get("callbacks") is not None and "model_checkpoint" in cfg.callbacks:
             del cfg.callbacks["model_checkpoint"]
     return cfg
+
+
+def resumed_config(cfg: DictConfig, overrides: list[str], current: str | Path) -> DictConfig:
+    """What ``train.py`` trains when it continues a run (:func:`resume_dir`; ``cfg`` unchanged when it does not): the
+    config that run saved, this command line's overrides applied to it (except ``resume`` and ``ckpt_path``), the
+    run dir as ``paths.output_dir`` and its newest checkpoint (or the ``ckpt_path`` given) as ``ckpt_path``."""
+    runs_dir = Path(str(cfg.paths.log_dir)) / str(cfg.task_name) / "runs"
+    run_dir = resume_dir(cfg.get("resume"), cfg.get("ckpt_path"), runs_dir, current)
+    if run_dir is None:
+        return cfg
+    what = f"resume={cfg.resume}" if cfg.get("resume") else f"ckpt_path={cfg.ckpt_path}" if cfg.get("ckpt_path") \
+        else f"the requeued SLURM job's run dir {run_dir}"
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{what}: no such run dir")
+    if not _has_run_config(run_dir):
+        raise FileNotFoundError(f"{what}: not a run dir of train.py (no .hydra/config.yaml or config.yaml in {run_dir})")
+    ckpt = Path(cfg.ckpt_path).resolve() if cfg.get("ckpt_path") else latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise FileNotFoundError(f"{what}: {run_dir}/checkpoints holds no checkpoint to resume from (the run stopped "
+                                "before its first training step, or its checkpoints were deleted); start the run again")
+    saved, _ = load_run_config(ckpt if ckpt.parent.name == "checkpoints" else run_dir / "checkpoints" / "x.ckpt")
+    # a requeued SLURM job runs its first command line again, which the saved config already holds
+    keep = [o for o in overrides if not o.lstrip("+~").startswith(("resume=", "ckpt_path="))]
+    if cfg.get("resume") or cfg.get("ckpt_path"):
+        saved = apply_overrides(saved, keep)
+    with open_dict(saved):
+        saved.pop("hydra_saved_output_dir", None)
+        saved.paths.output_dir = str(run_dir)
+        saved.ckpt_path = str(ckpt)
+        saved.resume = str(run_dir)
+    log.info("continuing %s from %s", run_dir, ckpt)
+    return saved

@@ -49,6 +49,22 @@ def make_cfg(data_dir, tmp_path):
     return _make
 
 
+DVGO_SMOKE = ("experiment=dvgo_smoke",)
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory, data_dir):
+    """One complete DVGO smoke run (in this process), shared by the tests that compare against it: (run dir,
+    metrics)."""
+    from src.pipeline import run
+
+    out = tmp_path_factory.mktemp("smoke")
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=[f"paths.output_dir={out}", f"paths.data_dir={data_dir}",
+                                          "trainer.enable_progress_bar=false", *DVGO_SMOKE])
+    return out, run(cfg)
+
+
 def needs_lego():
     return pytest.mark.skipif(not (LEGO / "transforms_train.json").is_file(),
                               reason=f"real lego not found at {LEGO}")

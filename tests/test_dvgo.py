@@ -15,19 +15,6 @@ from src.pipeline import run
 SMOKE = ("experiment=dvgo_smoke",)
 
 
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory, data_dir):
-    """One complete smoke run, shared by the tests below."""
-    from tests.conftest import CONF_DIR
-    from hydra import compose, initialize_config_dir
-
-    out = tmp_path_factory.mktemp("smoke")
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=[f"paths.output_dir={out}", f"paths.data_dir={data_dir}",
-                                          "trainer.enable_progress_bar=false", *SMOKE])
-    return out, run(cfg)
-
-
 @pytest.mark.slow
 def test_dvgo_smoke_learns_the_scene(smoke_run):
     out, metrics = smoke_run

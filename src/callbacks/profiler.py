@@ -148,6 +148,13 @@ class ProfilerTable(L.Callback):
             logger.log_table(key=f"profile/{phase}_table", columns=list(rows[0]) if rows else ["name"],
                              data=[list(r.values()) for r in rows])
 
+    # a run resumed from a checkpoint does not profile again a window whose tables it already wrote
+    def state_dict(self) -> dict:
+        return {"done": dict(self._done)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._done.update(state.get("done", {}))
+
     # ---- training window ------------------------------------------------------------------------
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._profs["train"] is None and not self._done["train"] and trainer.global_step >= self.start_step:

@@ -49,6 +49,14 @@ class Throughput(SummaryCallback):
             stats["perf/rays_s"] = it_s * self.rays_per_step
         pl_module.log_dict(stats, prog_bar=True, on_step=True, on_epoch=False, batch_size=1)
 
+    # a run resumed from a checkpoint goes on counting (its metrics.json has every stage's figures)
+    def state_dict(self) -> dict:
+        return {"stage_time": dict(self.stage_time), "stage_steps": dict(self.stage_steps)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stage_time.update(state.get("stage_time", {}))
+        self.stage_steps.update(state.get("stage_steps", {}))
+
     def summary(self) -> dict:
         out = {}
         steps, secs = sum(self.stage_steps.values()), sum(self.stage_time.values())

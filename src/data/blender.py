@@ -17,6 +17,7 @@ from PIL import Image, UnidentifiedImageError
 
 from src.data.errors import DataError
 from src.render.rays import intrinsics_from_fov
+from src import stop
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,7 @@ def load_split(root: str | Path, split: str, downscale: int = 1, white_bkgd: boo
         raise DataError(f"{meta_path}: no frames")
     images, poses, files = [], [], []
     for k, frame in enumerate(frames):
+        stop.check(f"loading {meta_path.parent.name}'s images ({k + 1} of {len(frames)})")
         try:
             rel, pose = frame["file_path"], frame["transform_matrix"]
         except KeyError as err:

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from src.data.errors import DataError, missing_root
 from src.data.cache import write_once
 from src.geometry.rotation import random_rotation
+from src import stop
 
 INTRINSIC_KEYS = ("fx", "fy", "cx", "cy")
 
@@ -224,6 +225,7 @@ def write_depth_scenes(root: str | Path, n_train: int = 512, n_val: int = 4, n_t
         for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
             (tmp / split).mkdir(parents=True)
             for i in range(n):
+                stop.check(f"generating the depth maps ({split} {i + 1} of {n})")
                 prims = random_primitives(rng, max_primitives)
                 depth_mm = np.round(ray_cast_depth(prims, image_size, f, image_size / 2) * 1000.0)
                 Image.fromarray(depth_mm.astype(np.uint16)).save(tmp / split / f"{i:04d}.png")

@@ -18,6 +18,7 @@ from PIL import Image
 from src.data.cache import write_once
 from src.data.scene import Scene, default_scene
 from src.render.rays import get_rays, intrinsics_from_fov
+from src import stop
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ def write_blender(root: str | Path, image_size: int, n_train: int, n_val: int, n
             (tmp / split).mkdir(parents=True)
             frames = []
             for i, c2w in enumerate(hemisphere_cameras(n, offset)):
+                stop.check(f"generating the scene's {split} views ({i + 1} of {n})")
                 rgba = render_view(sc, c2w, image_size, supersample)
                 Image.fromarray(np.round(rgba * 255).astype(np.uint8), "RGBA").save(tmp / split / f"r_{i}.png")
                 frames.append({"file_path": f"./{split}/r_{i}", "transform_matrix": c2w.tolist()})
@@ -116,6 +118,7 @@ def write_llff(root: str | Path, image_size: int, n_views: int, supersample: int
         folder.mkdir(parents=True)
         rows = []
         for i, c2w in enumerate(forward_facing_cameras(n_views)):
+            stop.check(f"generating the scene's views ({i + 1} of {n_views})")
             rgba = render_view(sc, c2w, image_size, supersample)
             rgb = rgba[..., :3] * rgba[..., 3:] + (1 - rgba[..., 3:])
             Image.fromarray(np.round(rgb * 255).astype(np.uint8), "RGB").save(folder / f"{i:03d}.png")
@@ -153,6 +156,7 @@ def write_neus(root: str | Path, image_size: int, n_views: int, supersample: int
         (tmp / "mask").mkdir()
         cams = {}
         for i, c2w in enumerate(hemisphere_cameras(n_views, 0.0, z_range=(-0.9, 0.95))):
+            stop.check(f"generating the scene's views ({i + 1} of {n_views})")
             rgba = render_view(sc, c2w, image_size, supersample)
             rgb = rgba[..., :3] * rgba[..., 3:]
             Image.fromarray(np.round(rgb * 255).astype(np.uint8), "RGB").save(tmp / "image" / f"{i:03d}.png")

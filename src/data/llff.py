@@ -17,6 +17,7 @@ import torch
 from src.data.blender import Views, read_rgba
 from src.data.errors import DataError
 from src.render.rays import intrinsics_from_focal
+from src import stop
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".PNG", ".JPG", ".JPEG")
 
@@ -85,7 +86,8 @@ def load_llff(root: str | Path, factor: int = 8, bd_factor: float = 0.75, recent
     if len(files) != len(poses):
         raise DataError(f"{img_dir} has {len(files)} images but {pb_file} has {len(poses)} poses")
     images = []
-    for f in files:
+    for k, f in enumerate(files):
+        stop.check(f"loading {img_dir}'s images ({k + 1} of {len(files)})")
         rgba = read_rgba(f)
         rgb, a = rgba[..., :3], rgba[..., 3:]
         images.append(rgb * a + (1.0 - a) * (1.0 if white_bkgd else 0.0))

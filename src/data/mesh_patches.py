@@ -37,6 +37,7 @@ from src.data.point_patches import PatchDraws, check_normalize, draw_input, load
 from src.geometry.mesh_io import MESH_SUFFIXES, read_mesh
 from src.geometry.pu_metrics import normalize_unit_sphere
 from src.geometry.sampling import even_surface_sample, farthest_point_sample
+from src import stop
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +166,7 @@ class MeshPatchesDataModule(L.LightningDataModule):
     def _make(self, files: list[Path]) -> tuple[torch.Tensor, list[str], torch.Tensor]:
         out, out_normals = [], []
         for k, f in enumerate(files):
+            stop.check(f"caching training patches of the meshes ({k + 1} of {len(files)})")
             verts, faces = read_mesh(f)
             pts, normals = mesh_patches(verts, faces, **self.sizes, seed=self.seed * 1_000 + k)
             out.append(pts)

@@ -20,6 +20,7 @@ import torch
 
 from src.data.blender import Views, read_rgba
 from src.data.errors import DataError
+from src import stop
 
 GL_FROM_CV = np.diag([1.0, -1.0, -1.0, 1.0])
 
@@ -69,6 +70,7 @@ def load_neus(root: str | Path, downscale: int = 1) -> dict:
         raise DataError(f"{root}: {len(images)} images but {len(masks)} masks")
     Ks, poses, rgbs, alphas = [], [], [], []
     for i, path in enumerate(images):
+        stop.check(f"loading {root}'s images ({i + 1} of {len(images)})")
         for key in (f"world_mat_{i}", f"scale_mat_{i}"):
             if key not in cams:
                 raise DataError(f"{cam_path}: missing key '{key}' for image {path.name}")

@@ -27,6 +27,7 @@ from src.geometry.mesh_io import write_mesh
 from src.geometry.pu_metrics import normalize_unit_sphere
 from src.geometry.rotation import random_rotation
 from src.geometry.sampling import even_surface_sample, farthest_point_sample, sample_surface
+from src import stop
 
 
 # ---------------------------------------------------------------------------------------------- meshes
@@ -100,6 +101,7 @@ def write_pu_dataset(root: str | Path, n_meshes: int = 8, patches_per_mesh: int 
         (tmp / "test").mkdir()
         sparse, dense = [], []
         for k, (_, verts, faces) in enumerate(generated_meshes(n_meshes, seed)):
+            stop.check(f"generating the point-cloud training patches (mesh {k + 1} of {n_meshes})")
             cloud = sample_surface(verts, faces, 16384, seed=seed + k)
             seeds = farthest_point_sample(cloud, patches_per_mesh, start=k)
             for s in seeds:  # an eighth of the surface: the share of a 256-point test patch of a 2048-point input

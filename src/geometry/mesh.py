@@ -8,6 +8,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from src import stop
+
 
 @torch.no_grad()
 def evaluate_grid(field: Callable[[torch.Tensor], torch.Tensor], bound_min: Sequence[float],
@@ -19,6 +21,7 @@ def evaluate_grid(field: Callable[[torch.Tensor], torch.Tensor], bound_min: Sequ
     out = np.zeros((resolution,) * 3, dtype=np.float32)
     for i, xs in enumerate(axes[0].split(block)):
         for j, ys in enumerate(axes[1].split(block)):
+            stop.check(f"evaluating the field on a {resolution}^3 grid (mesh extraction)")
             for k, zs in enumerate(axes[2].split(block)):
                 pts = torch.stack(torch.meshgrid(xs, ys, zs, indexing="ij"), -1)
                 vals = field(pts.reshape(-1, 3)).reshape(pts.shape[:3])

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from src import stop
 from src.data.datamodule import RayScene
 from src.loggers import wandb_loggers
 from src.metrics import lpips_model, psnr, ssim
@@ -52,10 +53,11 @@ class RayMethod(Method):
         h, w = rays_o.shape[:2]
         c = self.hparams.chunk
         o, d = rays_o.reshape(-1, 3).split(c), rays_d.reshape(-1, 3).split(c)
-        if viewdirs is None:
-            chunks = [self.render_rays(*od) for od in zip(o, d)]
-        else:
-            chunks = [self.render_rays(*odv) for odv in zip(o, d, viewdirs.reshape(-1, 3).split(c))]
+        v = viewdirs.reshape(-1, 3).split(c) if viewdirs is not None else [None] * len(o)
+        chunks = []
+        for args in zip(o, d, v):
+            stop.check(f"rendering a {h}x{w} image")  # a full-resolution image takes tens of seconds on a CPU
+            chunks.append(self.render_rays(*(a for a in args if a is not None)))
         return {k: torch.cat([c[k] for c in chunks]).reshape(h, w, -1).squeeze(-1) for k in chunks[0]}
 
     def _render_scored(self, batch: dict, split: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

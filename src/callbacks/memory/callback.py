@@ -200,6 +200,21 @@ class MemoryGrowth(SummaryCallback):
             raise MemoryGrowthError(f"memory grows {growth / MB:.3f} MiB/step in the {s.loop} loop; "
                                     f"see {self.out_dir / 'memory_leak.txt'}")
 
+    # ---- a run resumed from a checkpoint continues each loop's series (memory.csv holds the whole run) --------
+    _STATE = ("rows", "window_slopes", "max_growth", "sustained", "steps")
+
+    def state_dict(self) -> dict:
+        return {"series": {loop: {k: getattr(s, k) for k in self._STATE} for loop, s in self.series.items()},
+                "reports": dict(self.reports), "leaks": {loop: s.leak for loop, s in self.series.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        for loop, saved in state.get("series", {}).items():
+            if loop in self.series:
+                for k in self._STATE:
+                    setattr(self.series[loop], k, saved[k])
+                self.series[loop].leak = state.get("leaks", {}).get(loop)
+        self.reports.update(state.get("reports", {}))
+
     # ---- output ---------------------------------------------------------------------------------
     def on_train_end(self, trainer, pl_module) -> None:
         self._write_csv()

@@ -143,6 +143,8 @@ class DVGOModule(RayMethod):
         self._set_stage(1)
         self._set_optimizer(step_in_stage=0)
         if cfg.pervoxel_lr:
+            log.info("counting the training views that see each voxel (%d views; DVGO's per-voxel learning rate)",
+                     len(dm.splits["train"].c2w))
             count = stage_prep.voxel_count_views(self.coarse, dm.splits["train"], cfg.pervoxel_lr_downrate,
                                                  self.near, self.hparams.stepsize)
             self.optimizers().optimizer.param_groups[0]["per_lr"] = count / count.max()

@@ -11,6 +11,7 @@ from src.data.rays import RayBank
 from src.models.dvgo.field import DirectVoxGO
 from src.models.dvgo.grid import DenseGrid, MaskGrid, grid_points
 from src.render.rays import get_rays
+from src import stop
 
 
 @torch.no_grad()
@@ -19,6 +20,7 @@ def bbox_from_frusta(bank: RayBank, near: float, far: float) -> tuple[torch.Tens
     lo = torch.full((3,), float("inf"), device=bank.rays_o.device)
     hi = -lo
     for o, d in zip(bank.rays_o.split(1 << 20), bank.rays_d.split(1 << 20)):
+        stop.check("DVGO's scene box from the camera frusta")
         v = F.normalize(d, dim=-1)
         pts = torch.cat([o + v * near, o + v * far])
         lo, hi = torch.minimum(lo, pts.amin(0)), torch.maximum(hi, pts.amax(0))
@@ -40,11 +42,13 @@ def voxel_count_views(field: DirectVoxGO, views: Views, downrate: int, near: flo
     count = torch.zeros_like(field.density.grid)
     h, w = views.hw
     for i, c2w in enumerate(views.c2w):
+        where = f"DVGO's per-voxel view count (view {i + 1} of {len(views.c2w)})"
         rays_o, rays_d = get_rays(h, w, views.intrinsics(i), c2w.to(device))
         rays_o, rays_d = rays_o[::downrate, ::downrate].reshape(-1, 3), rays_d[::downrate, ::downrate].reshape(-1, 3)
         ones = DenseGrid(1, field.density.world_size, field.xyz_min, field.xyz_max).to(device)
         ones.grid.data.fill_(1)
         for o, d in zip(rays_o.split(16384), rays_d.split(16384)):
+            stop.check(where)  # a full-resolution view takes seconds on a CPU
             s = kernels.sample_pts_on_rays(o, d, field.xyz_min, field.xyz_max, near, 1e9, stepsize * field.voxel_size)
             ones(s["pts"]).sum().backward()
         count += ones.grid.grad > 1
@@ -77,6 +81,7 @@ def rays_through_mask(mask: MaskGrid, field: DirectVoxGO, bank: RayBank, near: f
     """Indices of the bank's rays that pass at least one occupied vertex of ``mask`` (DVGO's in_maskcache rays)."""
     hits = []
     for o, d in zip(bank.rays_o.split(65536), bank.rays_d.split(65536)):
+        stop.check("DVGO's selection of the rays through the coarse geometry")
         s = kernels.sample_pts_on_rays(o, d, field.xyz_min, field.xyz_max, near, 1e9, stepsize * field.voxel_size)
         hit = torch.zeros(o.shape[0], dtype=torch.bool, device=o.device)
         hit[s["ray_id"][mask(s["pts"])]] = True
