@@ -143,6 +143,51 @@ def test_memory_validation_leak_is_named_with_shape_rate_and_line(tmp_path, grap
     assert {r["loop"] for r in rows} == {"train", "val"} and sum(r["loop"] == "val" for r in rows) == 40
 
 
+class SparseValLeaky(ValLeaky):
+    """The leak of :class:`ValLeaky` (detached, or held by its graph) in a run that validates one batch every 8 training
+    steps, as a long training run does: the validation loop gets one step per validation run."""
+
+    def __init__(self, graph: bool = False, leak: bool = True):
+        super().__init__(graph)
+        self.val_leak = leak
+
+    def validation_step(self, batch, batch_idx):
+        if self.val_leak:
+            super().validation_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("graph", [False, True], ids=["detached", "graph"])
+def test_memory_leak_in_a_short_validation_loop_is_found_while_the_run_is_young(tmp_path, graph):
+    """With the default settings (``conf/callbacks/memory.yaml``: a 50-step window, census gap 10), a 2.25 MiB/step
+    validation leak at one validation batch every 8 training steps is named (shape, MiB/step, line) within 400
+    training steps (50 validation steps; the sustained rule alone needs 110 of them, 880 training steps). The same
+    run without the leak reports nothing."""
+    from src.callbacks.memory.callback import MemoryGrowth as Growth
+
+    def run(leak: bool, out: Path) -> Growth:
+        cb = Growth(str(out))
+        L.Trainer(max_steps=400, val_check_interval=8, limit_val_batches=1, num_sanity_val_steps=0, callbacks=[cb],
+                  logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                  accelerator="cpu").fit(SparseValLeaky(graph, leak))
+        return cb
+
+    cb = run(True, tmp_path / "leak")
+    assert cb.series["val"].steps == 50 and cb.series["val"].leak is not None, cb.summary()
+    assert cb.summary()["memory/train/leak_found"] is False
+    report = (tmp_path / "leak" / "memory_leak.txt").read_text()
+    assert "in the val loop" in report and "of step pairs above" in report, report
+    if graph:
+        assert "holding a graph of 96 x (8, 3, 256) float32" in report and "= 2.251 MiB/step" in report, report
+        assert f"tests/test_callbacks.py:{_line_of('exp saves its')} in validation_step" in report, report
+    else:
+        top = cb.series["val"].leak[0]
+        assert (top["shape"], top["count_per_iter"]) == ((8, 3, 256), 96) and "= 2.250 MiB/step" in report, report
+        assert f"tests/test_callbacks.py:{_line_of('# the leaking line (detached)')} in validation_step" in report
+
+    clean = run(False, tmp_path / "clean")
+    assert clean.summary()["memory/leak_found"] is False and not (tmp_path / "clean" / "memory_leak.txt").exists()
+
+
 def test_memory_helpers():
     assert theil_sen_slope([0, 1, 2, 3, 50, 5, 6]) == pytest.approx(1.0)  # one jump does not move the slope
     keep = [torch.zeros(5, 7, dtype=torch.float16) for _ in range(3)]

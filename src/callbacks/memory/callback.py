@@ -1,5 +1,6 @@
 """The memory-growth callback: a series per loop, its Theil-Sen slope over a sliding window, and when growth is
-sustained two censuses ``census_gap`` steps apart with a recording window between them (see the package)."""
+sustained - or, in a loop's first ``window`` steps, unambiguous - two censuses ``census_gap`` steps apart with a
+recording window between them (see the package)."""
 from __future__ import annotations
 
 import csv
@@ -42,6 +43,8 @@ class _Series:
         self.census_at: tuple | None = None  # (step, tensors' weak references by id, census)
         self.leak: list[dict] | None = None
         self.steps = 0
+        self.early: str | None = None  # why an early census was started (the loop's first steps grew unambiguously)
+        self.early_dismissed = False  # an early census found too little to name: wait for the sustained rule
 
 
 class MemoryGrowth(SummaryCallback):
@@ -51,6 +54,12 @@ class MemoryGrowth(SummaryCallback):
         threshold_mb: growth per step (MiB) that, sustained, counts as a leak; default 0.1 on CUDA (allocated
             memory is exact) and 1.0 on CPU (malloc in-use bytes, or resident memory off glibc).
         census_gap: steps of the same loop between the two censuses (the recording window).
+        early_steps: a loop's first steps after which growth is called from fewer than ``window`` steps when it is
+            unambiguous: the Theil-Sen slope and at least ``early_agreement`` of all step-pair slopes above the
+            threshold (a validation loop of one batch per validation run gets a step every validation run; the
+            sustained rule alone would need ``2 * window`` of them). Such a census names a leak only when the tensors
+            it finds grow by at least half the threshold; otherwise the sustained rule decides later.
+        early_agreement: the share of step-pair slopes above the threshold the early rule asks for.
         fail: raise :class:`MemoryGrowthError` once a leak is named (after writing the report).
         every: record every N steps (the slope is per step regardless).
         loops: the loops to watch (``train``, ``val``, ``test``).
@@ -60,12 +69,13 @@ class MemoryGrowth(SummaryCallback):
 
     def __init__(self, out_dir: str, window: int = 50, threshold_mb: float | None = None, census_gap: int = 10,
                  fail: bool = False, every: int = 1, loops: tuple[str, ...] | list[str] = LOOPS,
-                 record_stacks: bool = True) -> None:
+                 record_stacks: bool = True, early_steps: int = 12, early_agreement: float = 0.9) -> None:
         bad = sorted(set(loops) - set(LOOPS))
         if bad:
             raise ValueError(f"memory_growth.loops: unknown loop(s) {bad}; choose from {list(LOOPS)}")
         self.out_dir, self.window, self.threshold_mb, self.census_gap = Path(out_dir), window, threshold_mb, census_gap
         self.fail, self.every, self.loops, self.record_stacks = fail, every, tuple(loops), record_stacks
+        self.early_steps, self.early_agreement = early_steps, early_agreement
         self.series = {loop: _Series(loop) for loop in self.loops}
         self.threshold = 0.0  # bytes per step, set from threshold_mb or the device's default at the first step
         self._recorder: CreationRecorder | None = None
@@ -131,8 +141,25 @@ class MemoryGrowth(SummaryCallback):
         if loop == "train":
             pl_module.log("memory/growth_mb_per_step", growth / MB, on_step=True, on_epoch=False, batch_size=1)
             pl_module.log(f"memory/{key}", row[key], on_step=True, on_epoch=False, batch_size=1)
-        if s.leak is None and (s.sustained >= max(1, self.window // self.every) or s.census_at is not None):
+        if s.leak is None and s.census_at is None and self._unambiguous(s, key):
+            self._census(s, theil_sen_slope([r[key] * MB for r in s.rows]) / self.every, key, pl_module.device)
+        elif s.leak is None and (s.sustained >= max(1, self.window // self.every) or s.census_at is not None):
             self._census(s, growth, key, pl_module.device)
+
+    def _unambiguous(self, s: _Series, key: str) -> bool:
+        """The early rule: within the loop's first ``window`` rows (at least ``early_steps``), nearly every pair of
+        rows grew faster than the threshold. Sets ``s.early`` (the basis, for the report) when it holds."""
+        n = len(s.rows)
+        if s.early_dismissed or n < max(2, self.early_steps // self.every) or n >= self.window:
+            return False
+        ys = [r[key] * MB for r in s.rows]
+        slopes = [(ys[j] - ys[i]) / (j - i) / self.every for i in range(n) for j in range(i + 1, n)]
+        share = sum(v > self.threshold for v in slopes) / len(slopes)
+        if share < self.early_agreement or statistics.median(slopes) <= self.threshold:
+            return False
+        s.early = (f"Theil-Sen slope over its first {n * self.every} steps, {share:.0%} of step pairs above "
+                   f"{self.threshold / MB:g} MiB/step")
+        return True
 
     # ---- census and recording window ------------------------------------------------------------
     def _start_recording(self, loop: str, device: torch.device) -> None:
@@ -168,8 +195,9 @@ class MemoryGrowth(SummaryCallback):
             tensors = live_tensors()
             s.census_at = (step, {id(t): weakref.ref(t) for t in tensors}, tensor_census(tensors))
             del tensors
-            log.warning("memory grows %.2f MiB/step in the %s loop over its last %d steps; taking a tensor census "
-                        "at its steps %d and %d", growth / MB, s.loop, self.window, step, step + self.census_gap)
+            log.warning("memory grows %.2f MiB/step in the %s loop (%s); taking a tensor census at its steps %d and %d",
+                        growth / MB, s.loop, s.early or f"over its last {self.window} steps", step,
+                        step + self.census_gap)
             self._start_recording(s.loop, device)
             return
         first_step, first_refs, first = s.census_at
@@ -189,6 +217,14 @@ class MemoryGrowth(SummaryCallback):
         report = diagnose(s.loop, first, first_refs, tensors, first_step, step, where, growth, key, self.window,
                           self.threshold)
         del tensors
+        if s.early is not None:
+            found = sum(r["bytes_per_iter"] + r.get("graph_bytes_per_iter", 0.0) for r in report.groups)
+            if found < self.threshold / 2:  # warm-up, caches: nothing that names a leak; the sustained rule decides
+                log.info("memory: the %s loop's early growth (%s) is not in live tensors (%.3f MiB/step found); "
+                         "watching on", s.loop, s.early, found / MB)
+                s.census_at, s.early, s.early_dismissed = None, None, True
+                return
+            report.basis = s.early
         if snapshot:
             report.snapshot_file = str(self.out_dir / "memory_snapshot.pickle")
         s.leak = report.groups
@@ -201,7 +237,7 @@ class MemoryGrowth(SummaryCallback):
                                     f"see {self.out_dir / 'memory_leak.txt'}")
 
     # ---- a run resumed from a checkpoint continues each loop's series (memory.csv holds the whole run) --------
-    _STATE = ("rows", "window_slopes", "max_growth", "sustained", "steps")
+    _STATE = ("rows", "window_slopes", "max_growth", "sustained", "steps", "early_dismissed")
 
     def state_dict(self) -> dict:
         return {"series": {loop: {k: getattr(s, k) for k in self._STATE} for loop, s in self.series.items()},
@@ -211,7 +247,8 @@ class MemoryGrowth(SummaryCallback):
         for loop, saved in state.get("series", {}).items():
             if loop in self.series:
                 for k in self._STATE:
-                    setattr(self.series[loop], k, saved[k])
+                    if k in saved:
+                        setattr(self.series[loop], k, saved[k])
                 self.series[loop].leak = state.get("leaks", {}).get(loop)
         self.reports.update(state.get("reports", {}))
 

@@ -32,6 +32,7 @@ class LeakReport:
     step: int
     groups: list[dict] = field(default_factory=list)
     snapshot_file: str | None = None  # the CUDA allocator history of the census window, when there is one
+    basis: str | None = None  # how the growth was called when not by the sustained rule (a loop's first steps)
 
 
 def _made_at(tensors: list[torch.Tensor], where: Where, top: int) -> list[tuple[str, int, int]]:
@@ -83,8 +84,9 @@ def diagnose(loop: str, first: Counter, first_refs: dict, tensors: list[torch.Te
 def format_report(report: LeakReport) -> str:
     """The report as text: the growth, then each group (at most 20) with its rate, the graph it holds, and where its
     tensors (and the largest tensors of its graph) were made."""
-    lines = [f"memory grows {report.growth / MB:.3f} MiB/step in the {report.loop} loop ({report.key}, Theil-Sen slope over "
-             f"{report.window} steps, above {report.threshold / MB:g} MiB/step for {report.window} steps)",
+    basis = report.basis or (f"Theil-Sen slope over {report.window} steps, above {report.threshold / MB:g} MiB/step "
+                             f"for {report.window} steps")
+    lines = [f"memory grows {report.growth / MB:.3f} MiB/step in the {report.loop} loop ({report.key}, {basis})",
              f"live tensors that grew between {report.loop} steps {report.first_step} and {report.step}:"]
     for r in report.groups[:20]:
         graph = r.get("graph", [])
