@@ -359,10 +359,12 @@ def test_sweep_summary_uses_the_methods_metrics_and_direction(tmp_path):
 @pytest.mark.slow
 def test_ddp_with_two_cpu_processes_writes_one_metrics_json(tmp_path, data_dir):
     out = tmp_path / "ddp"
+    # 3 val views (their own scene folder): the last step validates them, 2 on one rank and 1 on the other
     proc = subprocess.run([sys.executable, "train.py", "experiment=dvgo_smoke", "trainer=ddp_cpu",
                            f"paths.data_dir={data_dir}", f"hydra.run.dir={out}", "trainer.enable_progress_bar=false",
                            "model.coarse.iters=100", "model.coarse.alpha_init=0.01", "model.fine.iters=40",
-                           "model.fine.pg_scale=[20]"], cwd=ROOT, capture_output=True, text=True)
+                           "model.fine.pg_scale=[20]", "data.generate.n_val=3", f"data.root={data_dir}/ddp_val3",
+                           "trainer.val_check_interval=140"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(list(out.rglob("metrics.json"))) == 1
     metrics = json.loads((out / "metrics.json").read_text())
@@ -376,6 +378,10 @@ def test_ddp_with_two_cpu_processes_writes_one_metrics_json(tmp_path, data_dir):
     assert [r["view"] for r in json.loads((out / "test_scores.json").read_text())] == [0, 1, 2]
     assert abs(metrics["test/psnr"] - one["test/psnr"]) < 1e-4, (metrics["test/psnr"], one["test/psnr"])
     assert metrics["test/ssim"] == pytest.approx(one["test/ssim"], abs=1e-6)
+    # validation too: val/psnr over the 3 unique val views (not the sampler's padded 4), as one process scores them
+    one_val = evaluate_run(out, tmp_path / "one_val", "trainer=cpu", "data.test_split=val")
+    assert abs(metrics["val/psnr"] - one_val["test/psnr"]) < 1e-4, (metrics["val/psnr"], one_val["test/psnr"])
+    assert metrics["val/ssim"] == pytest.approx(one_val["test/ssim"], abs=1e-6)
 
 
 def test_joblib_sweep_jobs_get_their_share_of_the_cores(monkeypatch):

@@ -246,3 +246,21 @@ def test_two_jobs_generating_the_same_scene_at_once_get_one_complete_scene(tmp_p
     assert a == b and "scene.json" in a and "pu_patches.h5" in a
     assert sum("generating the procedural scene" in err for err in (a_err, b_err)) == 1
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+
+
+@pytest.mark.parametrize("content", ["empty", "no meshes"])
+def test_a_mesh_folder_without_meshes_stops_with_an_error_naming_it(tmp_path, content):
+    """``data=mesh_patches`` on an empty folder, or on one without any mesh file: an error naming ``data.root``
+    and what is there, before anything is cached or written."""
+    root = tmp_path / "meshes"
+    root.mkdir()
+    if content == "no meshes":
+        (root / "readme.txt").write_text("meshes go here")
+        (root / "scans").mkdir()
+        (root / "scans" / "notes.md").write_text("x")
+    dm = MeshPatchesDataModule(str(root), test_root=None, cache_dir=str(tmp_path / "cache"), **SMALL)
+    dm.prepare_data()
+    expect = "it is empty" if content == "empty" else "found only: readme.txt, scans"
+    with pytest.raises(DataError, match=rf"data.root={root}: no mesh files \(.*\) in it or its subfolders \({expect}\)"):
+        dm.setup("fit")
+    assert not (tmp_path / "cache").exists()

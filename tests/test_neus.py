@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from src.geometry.meshing import export_mesh, mesh_metrics
 from src.data.blender import DataError
 from src.data.datamodule import NeuSDataModule
 from src.data.generate import NEUS_SCALE, write_neus
 from src.data.neus import GL_FROM_CV, decompose_projection, load_neus
 from src.data.scene import default_scene
 from src.geometry import chamfer_fscore, extract_mesh, read_mesh, sample_surface, write_mesh
+from src.geometry.meshing import export_mesh, mesh_metrics
 from src.models.neus import NeuSModule
 from src.models.neus.network import SDFNetwork
 from src.pipeline import run

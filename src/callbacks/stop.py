@@ -1,7 +1,7 @@
 """The training side of :mod:`src.stop`: every run's trainer has this callback (it is not a ``conf/callbacks``
 choice). It checks the stop flag at each batch of every loop; in training it writes ``checkpoints/last.ckpt`` where
 the step ends (the state a ``ModelCheckpoint`` would save there, so a resumed run continues exactly) and stops.
-Under DDP the ranks agree on the step to stop at (any rank's signal counts), so none is left waiting in a
+Under DDP the ranks agree on the training step to stop at (any rank's signal counts), so none is left waiting in a
 collective."""
 from __future__ import annotations
 
@@ -28,10 +28,17 @@ class StopOnSignal(L.Callback):
 
     @staticmethod
     def _requested(trainer: L.Trainer) -> bool:
+        """Training: any rank's flag, agreed across ranks (one small all-reduce per step under DDP)."""
         flag = stop.requested() is not None
         if trainer.world_size > 1:
             flag = trainer.strategy.reduce_boolean_decision(flag, all=False)
         return flag
+
+    @staticmethod
+    def _requested_here(trainer: L.Trainer) -> bool:
+        """Evaluation: this process's flag, in one process only - under DDP the ranks run different numbers of
+        evaluation batches (src/data/loaders.py), so they agree on a stop at the next training step instead."""
+        return trainer.world_size == 1 and stop.requested() is not None
 
     def _raise(self, trainer: L.Trainer, where: str) -> None:
         raise stop.Stopped(stop.requested() or 15, where)  # another rank's signal under DDP: SIGTERM's code
@@ -59,12 +66,12 @@ class StopOnSignal(L.Callback):
 
     # ---- evaluation loops: stop between batches --------------------------------------------------
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
-        if self._requested(trainer):
+        if self._requested_here(trainer):
             self.save(trainer)  # Lightning resumes a checkpoint written mid-validation by finishing the validation
             self._raise(trainer, f"validation (batch {batch_idx}, after step {trainer.global_step})")
 
     def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
-        if self._requested(trainer):
+        if self._requested_here(trainer):
             self._raise(trainer, f"testing (batch {batch_idx})")
 
     def on_exception(self, trainer, pl_module, exception) -> None:

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from src import stop
 from src.data.errors import DataError
 from src.render.rays import intrinsics_from_fov
-from src import stop
 
 log = logging.getLogger(__name__)
 

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from src.data.blender import Views, load_split
 from src.data.errors import missing_root
+from src.data.loaders import eval_loader
 from src.data.rays import RayBank
 from src.render.rays import get_rays
 
@@ -171,10 +172,10 @@ class BlenderDataModule(L.LightningDataModule):
         return DataLoader(StepTicker(), batch_size=None)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(ImageViews(self.splits["val"]), batch_size=None)
+        return eval_loader(ImageViews(self.splits["val"]), batch_size=None)
 
     def test_dataloader(self) -> DataLoader:
-        return DataLoader(ImageViews(self.splits["test"]), batch_size=None)
+        return eval_loader(ImageViews(self.splits["test"]), batch_size=None)
 
 
 class LLFFDataModule(BlenderDataModule):
@@ -247,10 +248,10 @@ class LLFFDataModule(BlenderDataModule):
             self.test_split_used = "test"
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(ImageViews(self.splits["val"], self.ray_fn if self.ndc else None), batch_size=None)
+        return eval_loader(ImageViews(self.splits["val"], self.ray_fn if self.ndc else None), batch_size=None)
 
     def test_dataloader(self) -> DataLoader:
-        return DataLoader(ImageViews(self.splits["test"], self.ray_fn if self.ndc else None), batch_size=None)
+        return eval_loader(ImageViews(self.splits["test"], self.ray_fn if self.ndc else None), batch_size=None)
 
 
 class NeuSDataModule(BlenderDataModule):

@@ -19,10 +19,11 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
-from src.data.errors import DataError, missing_root
-from src.data.cache import write_once
-from src.geometry.rotation import random_rotation
 from src import stop
+from src.data.cache import write_once
+from src.data.errors import DataError, missing_root
+from src.data.loaders import eval_loader
+from src.geometry.rotation import random_rotation
 
 INTRINSIC_KEYS = ("fx", "fy", "cx", "cy")
 
@@ -158,6 +159,9 @@ class DepthDataModule(L.LightningDataModule):
                                              self.n_points, split == "train", self.max_depth, self.seed)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        if not shuffle:  # evaluation: each map once across DDP ranks
+            return eval_loader(self.sets[split], batch_size=self.batch_size, num_workers=self.num_workers,
+                               persistent_workers=self.num_workers > 0)
         g = torch.Generator().manual_seed(self.seed)
         return DataLoader(self.sets[split], batch_size=self.batch_size, shuffle=shuffle, generator=g,
                           num_workers=self.num_workers, drop_last=shuffle and len(self.sets[split]) >= self.batch_size,

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from src import stop
 from src.data.cache import write_once
 from src.data.scene import Scene, default_scene
 from src.render.rays import get_rays, intrinsics_from_fov
-from src import stop
 
 log = logging.getLogger(__name__)
 

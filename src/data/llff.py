@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from src import stop
 from src.data.blender import Views, read_rgba
 from src.data.errors import DataError
 from src.render.rays import intrinsics_from_focal
-from src import stop
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".PNG", ".JPG", ".JPEG")
 

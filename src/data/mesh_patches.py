@@ -31,13 +31,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from src import stop
 from src.data.cache import file_lock, save_atomic
 from src.data.errors import DataError, missing_root
+from src.data.loaders import eval_loader
 from src.data.point_patches import PatchDraws, check_normalize, draw_input, load_test_shapes
 from src.geometry.mesh_io import MESH_SUFFIXES, read_mesh
 from src.geometry.pu_metrics import normalize_unit_sphere
 from src.geometry.sampling import even_surface_sample, farthest_point_sample
-from src import stop
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,10 @@ class MeshPatchesDataModule(L.LightningDataModule):
         files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in MESH_SUFFIXES and p.is_file()
                        and self.cache_dir not in p.parents)
         if not files:
-            raise DataError(f"no mesh files ({', '.join(MESH_SUFFIXES)}) under {self.root}")
+            found = sorted(p.name for p in self.root.iterdir() if p != self.cache_dir)[:5] if self.root.is_dir() else []
+            raise DataError(f"data.root={self.root}: no mesh files ({', '.join(MESH_SUFFIXES)}) in it or its subfolders"
+                            f" ({'it is empty' if not found else 'found only: ' + ', '.join(found)}); point data.root "
+                            "at a folder of training meshes")
         return files
 
     def prepare_data(self) -> None:
@@ -206,7 +210,7 @@ class MeshPatchesDataModule(L.LightningDataModule):
                           drop_last=True)
 
     def val_dataloader(self):
-        return DataLoader(self.val_set, batch_size=self.batch_size, num_workers=self.num_workers)
+        return eval_loader(self.val_set, batch_size=self.batch_size, num_workers=self.num_workers)
 
     def test_dataloader(self):
-        return DataLoader(self.test_shapes, batch_size=None, collate_fn=lambda x: x)
+        return eval_loader(self.test_shapes, batch_size=None, collate_fn=lambda x: x)

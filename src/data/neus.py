@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from src import stop
 from src.data.blender import Views, read_rgba
 from src.data.errors import DataError
-from src import stop
 
 GL_FROM_CV = np.diag([1.0, -1.0, -1.0, 1.0])
 

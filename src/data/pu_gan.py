@@ -19,15 +19,16 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from src.data.errors import DataError, missing_root
+from src import stop
 from src.data.cache import write_once
+from src.data.errors import DataError, missing_root
+from src.data.loaders import eval_loader
 from src.data.point_patches import PatchDraws, augment, check_normalize, draw_input, load_test_shapes
 from src.geometry.mesh import icosphere
 from src.geometry.mesh_io import write_mesh
 from src.geometry.pu_metrics import normalize_unit_sphere
 from src.geometry.rotation import random_rotation
 from src.geometry.sampling import even_surface_sample, farthest_point_sample, sample_surface
-from src import stop
 
 
 # ---------------------------------------------------------------------------------------------- meshes
@@ -230,7 +231,7 @@ class PUGANDataModule(L.LightningDataModule):
                                            num_workers=self.num_workers, drop_last=True)
 
     def val_dataloader(self):
-        return torch.utils.data.DataLoader(self.val_set, batch_size=self.batch_size, num_workers=self.num_workers)
+        return eval_loader(self.val_set, batch_size=self.batch_size, num_workers=self.num_workers)
 
     def test_dataloader(self):
-        return torch.utils.data.DataLoader(self.test_shapes, batch_size=None, collate_fn=lambda x: x)
+        return eval_loader(self.test_shapes, batch_size=None, collate_fn=lambda x: x)

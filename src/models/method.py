@@ -54,6 +54,40 @@ class Method(L.LightningModule):
         """A method's words on its validation numbers, into metrics.json beside them (e.g. which estimator)."""
         return {}
 
+    # ---- validation scores: means over the unique items of every rank ---------------------------------
+    def log_eval(self, scores: dict, batch_size: int = 1) -> None:
+        """Add a validation batch's scores (each a mean over its ``batch_size`` items) to the epoch's sums; the epoch
+        ends with their means over every rank's items (:meth:`log_eval_means`). Under DDP each item is validated on
+        one rank only (``src/data/loaders.py``), and Lightning's own epoch sync (``sync_dist``) does not weight the
+        ranks' unequal numbers of batches, so the sums are gathered here instead, once per validation."""
+        sums = getattr(self, "_eval_sums", None)
+        if sums is None:
+            sums = self._eval_sums = {}
+        for k, v in scores.items():
+            total, n = sums.get(k, (0.0, 0))
+            sums[k] = (total + float(v) * batch_size, n + batch_size)
+
+    def log_eval_means(self) -> dict[str, float]:
+        """Log (and return) the epoch's means of what :meth:`log_eval` summed, over every rank, and start afresh."""
+        import torch.distributed as dist
+
+        sums, self._eval_sums = getattr(self, "_eval_sums", None) or {}, {}
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            parts: list = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, sums)  # a rank may have had no batch: its dict is empty
+            sums = {}
+            for part in parts:
+                for k, (total, n) in part.items():
+                    t, m = sums.get(k, (0.0, 0))
+                    sums[k] = (t + total, m + n)
+        means = {k: total / n for k, (total, n) in sums.items() if n}
+        if means:
+            self.log_dict({k: torch.tensor(v, dtype=torch.float64) for k, v in means.items()}, sync_dist=False)
+        return means
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_eval_means()
+
     def render_path_video(self, dm, n_frames: int, out_dir: Path, loggers=(), fps: int = 30) -> Path | None:
         """RGB | depth along the datamodule's camera path into ``out_dir`` (methods with ``renders_path``)."""
         raise NotImplementedError(f"{type(self).__name__} renders no camera path (the ray methods do)")

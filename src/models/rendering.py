@@ -76,7 +76,7 @@ class RayMethod(Method):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         out, scores = self._render_scored(batch, "val")
         with phase("log"):
-            self.log_dict(scores, on_epoch=True, batch_size=1, sync_dist=True)
+            self.log_eval(scores)
             if batch_idx == 0 and self.trainer.is_global_zero:
                 panel = torch.cat([out["rgb"], batch["rgb"], depth_to_gray(out["depth"], out["acc"])], 1)
                 save_png(Path(self.trainer.default_root_dir) / "val_images" / f"step{self.global_step:06d}.png", panel)

@@ -13,10 +13,10 @@ from src import kernels
 from src.config import check_positive
 from src.data.rays import RayBank, RaySampler
 from src.kernels.grid_adam import GridAdam
-from src.models.rendering import RayMethod
 from src.models.dvgo import stage_prep
 from src.models.dvgo.field import DirectVoxGO
 from src.models.dvgo.grid import MaskGrid
+from src.models.rendering import RayMethod
 from src.phases import phase
 
 log = logging.getLogger(__name__)

@@ -6,12 +6,12 @@ import torch
 import torch.nn.functional as F
 
 from src import kernels
+from src import stop
 from src.data.blender import Views
 from src.data.rays import RayBank
 from src.models.dvgo.field import DirectVoxGO
 from src.models.dvgo.grid import DenseGrid, MaskGrid, grid_points
 from src.render.rays import get_rays
-from src import stop
 
 
 @torch.no_grad()

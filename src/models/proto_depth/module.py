@@ -87,7 +87,7 @@ class ProtoDepthModule(PhaseHooks, Method):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         scores, _ = self._score(batch)
         with phase("log"):
-            self.log("val/chamfer", scores["chamfer"].mean(), batch_size=batch["points"].shape[0], sync_dist=True)
+            self.log_eval({"val/chamfer": scores["chamfer"].mean()}, batch_size=batch["points"].shape[0])
 
     def on_test_epoch_start(self) -> None:
         self._test_rows: dict[int, dict] = {}

@@ -227,11 +227,10 @@ class PUINNModule(PhaseHooks, Method):
         logdet = out["logdet"].reshape(-1)
         n = batch["sparse"].shape[0]
         with phase("log"):
-            self.log_dict({f"val/{k}": v.detach() for k, v in losses.items()}, batch_size=n, sync_dist=True)
-            self.log("val/logdet", logdet.detach().mean(), batch_size=n, sync_dist=True)
-            self.log("val/flow_offset", out["flow_offset"].median(), batch_size=n, sync_dist=True)
-            # the input alone scored the same way: what val/cd must beat for the network to add anything
-            self.log("val/cd_input", chamfer(batch["sparse"], batch["dense"]).mean(), batch_size=n, sync_dist=True)
+            self.log_eval({**{f"val/{k}": v.detach() for k, v in losses.items()},
+                           "val/logdet": logdet.detach().mean(), "val/flow_offset": out["flow_offset"].median(),
+                           # the input alone scored the same way: what val/cd must beat for the network to add anything
+                           "val/cd_input": chamfer(batch["sparse"], batch["dense"]).mean()}, batch_size=n)
         every = self.hparams.logdet_exact_every
         if every and self._n_validations % every == 0:
             if self.eval_estimator == "exact":
@@ -242,16 +241,16 @@ class PUINNModule(PhaseHooks, Method):
                     _, exact = self.net.flow(batch["sparse"].reshape(-1, 3), ctx, estimator="exact")
             err = (logdet - exact).detach()
             with phase("log"):
-                self.log_dict({"val/logdet_exact": exact.detach().mean(), "val/logdet_bias": err.mean(),
+                self.log_eval({"val/logdet_exact": exact.detach().mean(), "val/logdet_bias": err.mean(),
                                "val/logdet_error_std": err.std() if err.numel() > 1 else err.abs().mean()},
-                              batch_size=n, sync_dist=True)
+                              batch_size=n)
 
     def on_validation_epoch_end(self) -> None:
+        means = self.log_eval_means()
         if not self.trainer.sanity_checking:
             log.info("val/logdet by the '%s' estimator: %.4f nats per point%s", self.eval_estimator,
-                     float(self.trainer.callback_metrics.get("val/logdet", float("nan"))),
-                     "" if "val/logdet_exact" not in self.trainer.callback_metrics else
-                     f" (exact {float(self.trainer.callback_metrics['val/logdet_exact']):.4f})")
+                     means.get("val/logdet", float("nan")),
+                     "" if "val/logdet_exact" not in means else f" (exact {means['val/logdet_exact']:.4f})")
 
     def test_step(self, batch, batch_idx) -> None:
         shape, hp = batch, self.hparams
