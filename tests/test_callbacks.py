@@ -295,7 +295,7 @@ def test_wandb_offline_run_holds_the_results(make_cfg, tmp_path, monkeypatch, ca
     record_file = next(run_dir.glob("*.wandb"))
     rec = read_run(record_file)
     assert set(rec["config"]) == {"callbacks", "ckpt_path", "data", "float32_matmul_precision", "kernels", "logger",
-                                  "model", "optimized_metric", "paths", "seed", "task_name", "trainer"}
+                                  "model", "optimized_metric", "paths", "resume", "seed", "task_name", "trainer"}
     assert rec["config"]["model"]["n_rand"] == 1024
     saved = json.loads((out / "metrics.json").read_text())
     for key, value in saved.items():
