@@ -223,19 +223,22 @@ def _stopped(e: BaseException, trainer: L.Trainer | None, out_dir: Path) -> stop
     name = signal.Signals(stopped.signum).name
     if trainer is not None:
         for logger in trainer.loggers:
-            if not type(logger).__name__ == "WandbLogger":
+            if type(logger).__name__ != "WandbLogger":
                 logger.save()
         _finish_loggers(trainer)
-    if trainer is not None and trainer.global_step > 0 and last is not None:
+    if last is not None:
+        steps = f" of {trainer.max_steps}" if trainer is not None else ""
         msg = (f"Stopped by {name} during {stopped.where}. The run's last checkpoint is {last} (step "
-               f"{checkpoint_step(last)} of {trainer.max_steps}); continue this run in its own folder with:\n"
+               f"{checkpoint_step(last)}{steps}); continue this run in its own folder with:\n"
                f"    python train.py resume={out_dir}")
     else:
-        msg = (f"Stopped by {name} during {stopped.where}, before the first training step: no checkpoint was "
-               f"written, nothing to resume; start the run again ({out_dir} holds no result).")
+        when = "before the first training step" if trainer is None or trainer.global_step == 0 else "with no checkpoint"
+        msg = (f"Stopped by {name} during {stopped.where}, {when}: no checkpoint was written, nothing to resume; "
+               f"start the run again ({out_dir} holds no result).")
     if guard is not None and guard.requeue_note:
         msg += f"\n{guard.requeue_note}"
-    log.warning(msg)
+    if trainer is None or trainer.is_global_zero:
+        log.warning(msg)
     stopped.message = msg
     return stopped
 

@@ -88,18 +88,26 @@ def _started() -> str:
 def hydra_run_dir(runs_dir: str, stamp: str, _root_) -> str:
     """``hydra.run.dir`` of ``train.py``: the run being resumed (:func:`resume_dir`), else a new
     ``runs_dir/<stamp>`` (``_slurm<job id>`` appended in a SLURM job, so its requeued self finds it)."""
-    if "resume" not in _root_:  # eval.py: always a new folder
-        return f"{runs_dir}/{stamp}"
-    found = resume_dir(_root_.get("resume"), _root_.get("ckpt_path"), runs_dir)
-    return str(found) if found is not None else f"{runs_dir}/{stamp}{slurm_tag()}"
+    found = _resumable(runs_dir, _root_)
+    if found is not None:
+        return str(found)
+    return f"{runs_dir}/{stamp}" + (slurm_tag() if "resume" in _root_ else "")
 
 
 def hydra_output_subdir(runs_dir: str, _root_) -> str:
     """Where Hydra writes its record of the command: ``.hydra``, or for a resumed run ``.hydra/resumed_<time>`` so the
     run's own ``.hydra/config.yaml`` (what it was started with, what eval.py reads) is kept."""
-    if "resume" in _root_ and resume_dir(_root_.get("resume"), _root_.get("ckpt_path"), runs_dir) is not None:
-        return f".hydra/resumed_{_started()}"
-    return ".hydra"
+    return f".hydra/resumed_{_started()}" if _resumable(runs_dir, _root_) is not None else ".hydra"
+
+
+def _resumable(runs_dir: str, root) -> Path | None:
+    """The run dir ``train.py`` continues in, when it is one (eval.py, which has no ``resume`` key: never). A
+    ``resume=`` that is not a run dir gets a new folder here, and :func:`resumed_config` says what is wrong with it
+    (Hydra would otherwise create the mistyped folder before the error)."""
+    if "resume" not in root:
+        return None
+    found = resume_dir(root.get("resume"), root.get("ckpt_path"), runs_dir)
+    return found if found is not None and _has_run_config(found) else None
 
 
 def load_run_config(ckpt_path: str | Path) -> tuple[DictConfig, Path]:

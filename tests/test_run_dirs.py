@@ -182,3 +182,12 @@ def test_the_slurm_launcher_preset_composes_with_its_requeue_settings():
     assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
     assert launcher.signal_delay_s == 120 and launcher.timeout_min == 240 and launcher.max_num_timeout == 20
     assert signal.SIGUSR2 in stop.REQUEUE_SIGNALS  # submitit's signal is one the runs act on
+
+
+def test_a_mistyped_resume_dir_is_not_created(tmp_path):
+    """``resume=`` a folder that is not a run: Hydra is given a new run dir (where the error is logged), not the
+    mistyped path."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=[f"paths.log_dir={tmp_path}", f"resume={tmp_path / 'typo'}"],
+                      return_hydra_config=True)
+    assert Path(str(cfg.hydra.run.dir)).parent == tmp_path / "train" / "runs" and cfg.hydra.output_subdir == ".hydra"
