@@ -254,6 +254,52 @@ class LLFFDataModule(BlenderDataModule):
         return eval_loader(ImageViews(self.splits["test"], self.ray_fn if self.ndc else None), batch_size=None)
 
 
+class ColmapDataModule(LLFFDataModule):
+    """A scene posed by COLMAP at ``root`` (``sparse/0`` + ``images/``, as ``python -m src.data.capture`` writes one;
+    :mod:`src.data.colmap`): forward-facing captures as LLFF scenes (NDC, spiral path), captures around an object
+    normalised to the unit sphere of the cameras (no NDC, orbit path).
+
+    Args: factor: images from ``images_<factor>`` (or ``images`` downscaled). llffhold: every k-th image is held out
+        (val and test). bd_factor: forward-facing scale (the nearest bound is 1 / bd_factor). ndc: ``auto`` (NDC for
+        forward-facing scenes), true or false. scene_type: ``auto`` (from the cameras), ``forward-facing`` or ``360``.
+    """
+
+    def __init__(self, root: str, factor: int = 1, llffhold: int = 8, bd_factor: float = 0.75, ndc: str | bool = "auto",
+                 scene_type: str = "auto", white_bkgd: bool = False, stride: dict[str, int] | None = None) -> None:
+        super().__init__(root, factor, llffhold, bd_factor, True, white_bkgd, stride, None)
+        self.ndc_setting, self.scene_type = ndc, scene_type
+
+    layout = "colmap"
+    what = "COLMAP reconstruction (sparse/0 + images/; python -m src.data.capture makes one)"
+
+    def _load(self, split: str) -> Views:
+        if self.scene is None:
+            from src.data.colmap import load_colmap
+            from src.data.llff import split_views
+
+            self.scene = load_colmap(self.root, self.factor, self.bd_factor, self.white_bkgd, self.scene_type)
+            self.ndc = self.scene["scene_type"] == "forward-facing" if self.ndc_setting == "auto" else bool(self.ndc_setting)
+            log.info("COLMAP scene %s: %s, %d images, %s", self.root, self.scene["scene_type"], len(self.scene["rgb"]),
+                     "NDC rays" if self.ndc else "world-space rays")
+            if not self.ndc:
+                bounds = self.scene["bounds"]
+                self.near, self.far = float(bounds.min()) * 0.9, float(bounds.max())
+            for name, views in split_views(self.scene, self.llffhold).items():
+                self.splits[name] = views.subset(slice(None, None, self.stride[name]))
+        return self.splits[split]
+
+    def render_poses(self, n_frames: int) -> torch.Tensor:
+        """The spiral of a forward-facing capture, an orbit around a 360 one."""
+        from src.data.colmap import orbit_path
+
+        self._load("test")
+        if self.scene["scene_type"] == "forward-facing":
+            return super().render_poses(n_frames)
+        out = torch.eye(4).repeat(n_frames, 1, 1)
+        out[:, :3, :4] = torch.as_tensor(orbit_path(self.scene["c2w"].double().numpy(), n_frames), dtype=torch.float32)
+        return out
+
+
 class NeuSDataModule(BlenderDataModule):
     """A scene in the NeuS / IDR layout of DTU (``cameras_sphere.npz``, ``image/``, ``mask/``; :mod:`src.data.neus`),
     in the normalised space where the region of interest is the unit sphere; with ``generate`` set, the
