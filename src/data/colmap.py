@@ -7,8 +7,8 @@ index + 0.5, as the suite's rays; a pose becomes the suite's OpenGL camera-to-wo
 the points it observes (LLFF's ``imgs2poses``). A forward-facing capture (every camera within 60 degrees of the
 mean viewing direction) is then treated as NeRF treats LLFF scenes (scaled so the nearest bound is 1 / bd_factor,
 recentred on the average pose, NDC rays, the spiral path); a capture around an object ("360") is centred on the
-point nearest to every optical axis and scaled so the cameras lie at unit RMS distance from it (NeRF's
-``spherify``, which DVGO's and NeuS's data scripts follow), with an orbit path. Distorted camera models are
+point nearest to every optical axis and scaled so the cameras lie at unit RMS distance from it (the centre and
+scale of NeRF's ``spherify``, without its re-orientation), with an orbit path. Distorted camera models are
 undistorted by COLMAP first (into ``ROOT/.undistorted``, once).
 """
 from __future__ import annotations
