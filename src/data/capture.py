@@ -10,6 +10,7 @@ nothing) holds
     images/          the undistorted images, full size (pinhole camera)
     images_2/ _4/ _8/  the same, area-downscaled
     sparse/0/        the undistorted COLMAP model (cameras, images, points3D .bin)
+    cameras_sphere.npz  the same cameras in NeuS's form (the sparse points' sphere as its region of interest)
     colmap/          the distorted model and COLMAP's database (to re-run COLMAP steps by hand)
     capture.json     the report below
 
@@ -161,7 +162,7 @@ def capture(source: str | Path, out: str | Path, frames: int = 100, sequential: 
     """SOURCE (photo folder or video) to OUT (see the module); returns the report written to ``capture.json``."""
     import pycolmap
 
-    from src.data.colmap import read_colmap, scene_type
+    from src.data.colmap import read_colmap, scene_type, write_neus_cameras
 
     source, out = Path(source), Path(out)
     if out.exists():
@@ -202,6 +203,7 @@ def capture(source: str | Path, out: str | Path, frames: int = 100, sequential: 
             _downscale(tmp / "images", tmp / f"images_{f}", f)
         model = read_colmap(tmp / "sparse" / "0")
         kind = scene_type(model["c2w"])
+        write_neus_cameras(tmp)  # NeuS's form of the same cameras: data=neus data.root=OUT
         h, w = (int(v) for v in model["hw"][0])
         report = {
             "source": str(source), "images": len(files), "registered": len(model["names"]), "not_registered": missing,
@@ -224,7 +226,8 @@ def train_commands(out: Path, kind: str, factor: int) -> list[str]:
     data = f"data=colmap data.root={out}" + (f" data.factor={factor}" if factor > 1 else "")
     if kind == "forward-facing":
         return [f"python train.py model=nerf {data}", f"python train.py experiment=nerf_smoke {data}"]
-    return [f"python train.py model=dvgo {data}", f"python train.py model=nerf {data}"]
+    return [f"python train.py model=dvgo {data}", f"python train.py model=nerf {data}",
+            f"python train.py model=neus data=neus data.root={out}"]
 
 
 def format_report(r: dict, out: Path) -> str:

@@ -217,3 +217,39 @@ def compare_poses(c2w: np.ndarray, reference: np.ndarray) -> dict:
     return {"centre_error_median": float(np.median(centre_err) / span), "centre_error_max": float(centre_err.max() / span),
             "rotation_error_median_deg": float(np.median(angle)), "rotation_error_max_deg": float(angle.max()),
             "span": float(span), "scale": scale}
+
+
+def region_of_interest(points: np.ndarray, margin: float = 1.1, keep: float = 2.0) -> tuple[np.ndarray, float]:
+    """The sphere NeuS reconstructs inside, from a reconstruction's sparse points: the centre of the box of the points
+    between the ``keep`` and 100 - ``keep`` percentiles of each axis (stray points dropped), and ``margin`` times the
+    distance from it to the farthest point kept."""
+    lo, hi = np.percentile(points, keep, axis=0), np.percentile(points, 100 - keep, axis=0)
+    kept = points[((points >= lo) & (points <= hi)).all(1)]
+    centre = (lo + hi) / 2
+    return centre, float(margin * np.linalg.norm(kept - centre, axis=1).max())
+
+
+def write_neus_cameras(root: str | Path) -> Path:
+    """NeuS's ``cameras_sphere.npz`` for the (undistorted, pinhole) reconstruction at ``root``, its images in name
+    order: ``world_mat_i`` = K [R | t] with NeuS's pixel centres at integers (COLMAP's principal point - 0.5), and
+    ``scale_mat_i`` mapping the unit sphere onto :func:`region_of_interest`. ``data=neus data.root=ROOT`` then reads
+    the capture (its ``images/``) in NeuS's normalised space."""
+    root = Path(root)
+    model = read_colmap(sparse_dir(root))
+    if any(m not in PINHOLE_MODELS for m in model["camera_models"]):
+        raise DataError(f"{root}: the NeuS cameras need an undistorted (pinhole) model; capture with "
+                        "python -m src.data.capture, which undistorts")
+    centre, radius = region_of_interest(model["points"])
+    scale_mat = np.diag([radius, radius, radius, 1.0])
+    scale_mat[:3, 3] = centre
+    cams = {}
+    for i, (K, c2w) in enumerate(zip(model["K"], model["c2w"])):
+        K_cv = np.eye(4)
+        K_cv[:3, :3] = K
+        K_cv[:2, 2] -= 0.5  # NeuS (OpenCV) puts pixel centres at integers
+        w2c = np.linalg.inv(c2w @ GL_FROM_CV)  # OpenCV world-to-camera
+        cams[f"world_mat_{i}"] = K_cv @ w2c
+        cams[f"scale_mat_{i}"] = scale_mat
+    path = root / "cameras_sphere.npz"
+    np.savez(path, **cams)
+    return path

@@ -4,7 +4,8 @@
 camera) and ``scale_mat_i`` (normalised -> world: the region of interest is the unit sphere of the normalised
 space). NeuS forms ``P = world_mat @ scale_mat`` and splits ``P[:3]`` into intrinsics and a camera-to-world
 pose (OpenCV's ``decomposeProjectionMatrix``), so cameras live in the normalised space. Images are
-``image/*.png`` and masks ``mask/*.png`` (sorted; same count), both read as RGB in [0, 1].
+``image/*.png`` (or a capture's ``images/``) and masks ``mask/*.png`` (sorted; same count, optional), both read
+as RGB in [0, 1].
 
 Conventions: NeuS casts the ray of pixel (i, j) through the integer coordinates (i, j) (OpenCV: pixel
 centres at integers) in OpenCV camera axes (x right, y down, z forward). This project's rays pass through
@@ -64,7 +65,9 @@ def load_neus(root: str | Path, downscale: int = 1) -> dict:
         cams = dict(np.load(cam_path))
     except Exception as err:  # noqa: BLE001 - any unreadable archive
         raise DataError(f"cannot read {cam_path}: {err}") from err
-    images = _sorted_images(root / "image")
+    # image/ is NeuS's layout; a capture (python -m src.data.capture) keeps its undistorted images in images/
+    images = _sorted_images(root / "image" if (root / "image").is_dir() or not (root / "images").is_dir()
+                            else root / "images")
     masks = _sorted_images(root / "mask") if (root / "mask").is_dir() else None
     if masks is not None and len(masks) != len(images):
         raise DataError(f"{root}: {len(images)} images but {len(masks)} masks")
