@@ -195,6 +195,17 @@ def test_capture_of_the_fern_photos_registers_all_and_recovers_the_published_pos
     print("fern capture vs published poses:", err)
     assert err["centre_error_max"] < 0.01 and err["rotation_error_max_deg"] < 1.0, err
 
+    # the distorted model (SIMPLE_RADIAL) as a user's own COLMAP run leaves it: data=colmap undistorts it first
+    from src.data.colmap import load_colmap
+
+    raw = tmp_path / "raw"
+    shutil.copytree(out / "colmap" / "sparse" / "0", raw / "sparse" / "0")
+    shutil.copytree(out / "colmap" / "images", raw / "images")
+    assert set(read_colmap(raw / "sparse" / "0")["camera_models"]) == {"SIMPLE_RADIAL"}
+    scene, undistorted = load_colmap(raw, factor=2), load_colmap(out, factor=2)
+    assert (raw / ".undistorted" / "sparse").is_dir() and scene["rgb"].shape == undistorted["rgb"].shape
+    torch.testing.assert_close(scene["c2w"], undistorted["c2w"], atol=1e-5, rtol=0)
+
 
 def _expect_capture_error(source: Path, out: Path, match: str, **kwargs) -> None:
     from src.data.capture import capture
