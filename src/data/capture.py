@@ -253,8 +253,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--min-registered", type=float, default=0.8,
                         help="the share of images that must register (default 0.8)")
+    parser.add_argument("--verbose", action="store_true", help="COLMAP's own log lines too")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if not args.verbose:  # COLMAP logs every image and every bundle adjustment; the stages are reported here
+        import pycolmap
+
+        pycolmap.logging.minloglevel = pycolmap.logging.WARNING
     try:
         with stop.handling_signals():
             report = capture(args.source, args.out, args.frames, args.sequential, device=args.device,
