@@ -163,6 +163,20 @@ def test_the_neus_form_of_a_colmap_scene_sees_every_point_at_the_same_pixel(tmp_
         torch.testing.assert_close(depth_neus * S[0, 0], depth, atol=1e-4, rtol=1e-4)
 
 
+def test_downscaled_copies_keep_the_models_image_names(tmp_path):
+    """Phone photos are JPEGs: ``images_<f>/`` holds them under the same names the model (and data=colmap) uses."""
+    from src.data.capture import downscale_images
+
+    src = tmp_path / "images"
+    src.mkdir()
+    Image.new("RGB", (64, 48), (200, 10, 10)).save(src / "IMG_0001.JPG")
+    Image.new("RGB", (64, 48), (10, 200, 10)).save(src / "b.png")
+    downscale_images(src, tmp_path / "images_2", 2)
+    assert sorted(p.name for p in (tmp_path / "images_2").iterdir()) == ["IMG_0001.JPG", "b.png"]
+    with Image.open(tmp_path / "images_2" / "IMG_0001.JPG") as im:
+        assert im.format == "JPEG" and im.size == (32, 24)
+
+
 def test_a_folder_without_a_reconstruction_says_how_to_make_one(tmp_path):
     from src.data.colmap import load_colmap
 

@@ -106,12 +106,15 @@ def check_images(folder: Path) -> list[Path]:
     return files
 
 
-def _downscale(src: Path, dst: Path, factor: int) -> None:
+def downscale_images(src: Path, dst: Path, factor: int) -> None:
+    """Area-downscaled copies of ``src``'s images in ``dst``, under the same names (the model's image names; a JPEG
+    stays a JPEG, at quality 95)."""
     dst.mkdir(parents=True, exist_ok=True)
     for f in sorted(src.iterdir()):
         with Image.open(f) as im:
             size = (max(1, round(im.width / factor)), max(1, round(im.height / factor)))
-            im.convert("RGB").resize(size, Image.Resampling.BOX).save(dst / (f.stem + ".png"))
+            small = im.convert("RGB").resize(size, Image.Resampling.BOX)
+        small.save(dst / f.name, **({"quality": 95} if f.suffix.lower() in (".jpg", ".jpeg") else {}))
 
 
 def reconstruct(image_dir: Path, work: Path, sequential: bool, device: str = "auto", min_registered: float = 0.8):
@@ -200,7 +203,7 @@ def capture(source: str | Path, out: str | Path, frames: int = 100, sequential: 
         shutil.rmtree(undist)
         for f in DOWNSCALES:
             stop.check("downscaling the images")
-            _downscale(tmp / "images", tmp / f"images_{f}", f)
+            downscale_images(tmp / "images", tmp / f"images_{f}", f)
         model = read_colmap(tmp / "sparse" / "0")
         kind = scene_type(model["c2w"])
         write_neus_cameras(tmp)  # NeuS's form of the same cameras: data=neus data.root=OUT
