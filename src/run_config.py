@@ -111,18 +111,23 @@ def _resumable(runs_dir: str, root) -> Path | None:
 
 
 def load_run_config(ckpt_path: str | Path) -> tuple[DictConfig, Path]:
-    """The composed config the checkpoint's run saved, with its interpolations (``.hydra/config.yaml``, written
-    by Hydra or by the pipeline), or the resolved ``config.yaml`` (its run-dir paths then re-pointed by the
-    caller through ``paths.output_dir``)."""
+    """The composed config the checkpoint's run saved (:func:`saved_config`), and that run's dir."""
     run_dir = run_dir_of(ckpt_path)
+    return saved_config(run_dir, f"ckpt_path={ckpt_path}"), run_dir
+
+
+def saved_config(run_dir: Path, what: str) -> DictConfig:
+    """The composed config the run in ``run_dir`` saved, with its interpolations (``.hydra/config.yaml``, written
+    by Hydra or by the pipeline), or the resolved ``config.yaml`` (its run-dir paths then re-pointed by the
+    caller through ``paths.output_dir``). ``what`` names the command-line key for the error."""
     for name in (".hydra/config.yaml", "config.yaml"):
         if (run_dir / name).is_file():
             cfg = OmegaConf.load(run_dir / name)
             with open_dict(cfg):
                 cfg.setdefault("hydra_saved_output_dir", None)
                 cfg.hydra_saved_output_dir = None if name.startswith(".hydra") else str(cfg.paths.output_dir)
-            return cfg, run_dir
-    raise FileNotFoundError(f"ckpt_path={ckpt_path}: its run config is missing (looked for {run_dir}/.hydra/config.yaml "
+            return cfg
+    raise FileNotFoundError(f"{what}: its run config is missing (looked for {run_dir}/.hydra/config.yaml "
                             f"and {run_dir}/config.yaml, which train.py writes beside checkpoints/)")
 
 
@@ -207,7 +212,7 @@ def resumed_config(cfg: DictConfig, overrides: list[str], current: str | Path) -
     if ckpt is None:
         raise FileNotFoundError(f"{what}: {run_dir}/checkpoints holds no checkpoint to resume from (the run stopped "
                                 "before its first training step, or its checkpoints were deleted); start the run again")
-    saved, _ = load_run_config(ckpt if ckpt.parent.name == "checkpoints" else run_dir / "checkpoints" / "x.ckpt")
+    saved = saved_config(run_dir, what)
     # a requeued SLURM job runs its first command line again, which the saved config already holds
     keep = [o for o in overrides if not o.lstrip("+~").startswith(("resume=", "ckpt_path="))]
     if cfg.get("resume") or cfg.get("ckpt_path"):

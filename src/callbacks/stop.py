@@ -36,8 +36,8 @@ class StopOnSignal(L.Callback):
 
     @staticmethod
     def _requested_here(trainer: L.Trainer) -> bool:
-        """Evaluation: this process's flag, in one process only - under DDP the ranks run different numbers of
-        evaluation batches (src/data/loaders.py), so they agree on a stop at the next training step instead."""
+        """This process's flag, in one process only: under DDP the ranks agree on a stop where a training step ends
+        (they run different numbers of evaluation batches, src/data/loaders.py, so nothing else may be collective)."""
         return trainer.world_size == 1 and stop.requested() is not None
 
     def _raise(self, trainer: L.Trainer, where: str) -> None:
@@ -55,7 +55,8 @@ class StopOnSignal(L.Callback):
 
     # ---- training: stop where a step ends -------------------------------------------------------
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if self._requested(trainer):
+        # a signal during setup or evaluation; under DDP the ranks agree on it at this step's end (one collective)
+        if self._requested_here(trainer):
             self.save(trainer)
             self._raise(trainer, f"training (before step {trainer.global_step})")
 

@@ -23,9 +23,9 @@ import torch
 from PIL import Image
 
 from src import stop
-from src.data.blender import read_rgba
+from src.data.blender import composite_and_downscale, read_rgba
 from src.data.errors import DataError
-from src.data.llff import normalize, recenter_poses, spiral_path, viewmatrix
+from src.data.llff import normalize, recenter_poses, to44
 
 log = logging.getLogger(__name__)
 PINHOLE_MODELS = ("SIMPLE_PINHOLE", "PINHOLE")
@@ -119,26 +119,10 @@ def nearest_point_to_axes(c2w: np.ndarray) -> np.ndarray:
     return np.linalg.solve(A, b)
 
 
-def orbit_path(c2w: np.ndarray, n_frames: int) -> np.ndarray:
-    """A circle of cameras around the (centred) scene's up axis at the cameras' mean height and distance, looking at
-    the centre: (n_frames, 3, 4)."""
-    up = normalize(c2w[:, :3, 1].sum(0))
-    centres = c2w[:, :3, 3]
-    height = float((centres @ up).mean())
-    radius = float(np.linalg.norm(centres - np.outer(centres @ up, up), axis=1).mean())
-    e1 = normalize(np.cross(up, [1.0, 0.0, 0.0]) if abs(up[0]) < 0.9 else np.cross(up, [0.0, 1.0, 0.0]))
-    e2 = np.cross(up, e1)
-    out = []
-    for theta in np.linspace(0.0, 2.0 * np.pi, n_frames + 1)[:-1]:
-        pos = radius * (math.cos(theta) * e1 + math.sin(theta) * e2) + height * up
-        out.append(viewmatrix(pos, up, pos))  # backwards axis = from the centre to the camera
-    return np.stack(out)
-
-
 def load_colmap(root: str | Path, factor: int = 1, bd_factor: float | None = 0.75, white_bkgd: bool = False,
                 kind: str = "auto") -> dict:
     """The scene at ``root`` (a reconstruction and its images) as the LLFF loader gives one (``rgb``, ``c2w``, ``K``,
-    ``bounds``, ``files``, ``hw_full``, ``spiral``: the render path) plus ``scene_type``. ``factor``: images from
+    ``bounds``, ``files``, ``hw_full``) plus ``scene_type``. ``factor``: images from
     ``images_<factor>`` when that folder exists, else ``images`` area-downscaled. ``kind``: ``auto``,
     ``forward-facing`` or ``360``."""
     root = Path(root)
@@ -162,7 +146,7 @@ def load_colmap(root: str | Path, factor: int = 1, bd_factor: float | None = 0.7
         if (rgba.shape[1], rgba.shape[0]) != want:  # the full-size image: area-downscale it here
             with Image.open(path) as im:
                 rgba = np.asarray(im.convert("RGBA").resize(want, Image.Resampling.BOX), dtype=np.float32) / 255.0
-        images.append(rgba[..., :3] * rgba[..., 3:] + (1.0 - rgba[..., 3:]) * float(white_bkgd))
+        images.append(composite_and_downscale(rgba, white_bkgd, 1, path))
     if len({im.shape for im in images}) != 1:
         raise DataError(f"{folder}: images of different sizes")
     rgb = np.stack(images).astype(np.float32)
@@ -176,25 +160,17 @@ def load_colmap(root: str | Path, factor: int = 1, bd_factor: float | None = 0.7
         scale = 1.0 if bd_factor is None else 1.0 / (bounds.min() * bd_factor)
         c2w[:, :3, 3] *= scale
         bounds *= scale
-        c2w[:, :3, :4] = recenter_poses(c2w[:, :3, :4])
-        path = spiral_path(c2w[:, :3, :4], bounds)
-    elif kind == "360":
+        c2w[:, :3, :4] = recenter_poses(c2w[:, :3, :4])  # its path: NeRF's spiral (LLFFDataModule.render_poses)
+    elif kind == "360":  # the orbit of videos: src.render.video.orbit_poses about the centre (the origin now)
         c2w[:, :3, 3] -= nearest_point_to_axes(c2w)
         scale = 1.0 / math.sqrt(float((c2w[:, :3, 3] ** 2).sum(1).mean()))
         c2w[:, :3, 3] *= scale
         bounds *= scale
-        path = orbit_path(c2w, 120)
     else:
         raise DataError(f"data.scene_type={kind!r}: choose auto, forward-facing or 360")
-
-    def to44(p):
-        out = np.tile(np.eye(4), (len(p), 1, 1))
-        out[:, :3, :4] = p[:, :3, :4]
-        return torch.tensor(out, dtype=torch.float32)
-
     return {"rgb": torch.from_numpy(rgb), "c2w": to44(c2w), "K": torch.tensor(K, dtype=torch.float32),
-            "bounds": torch.tensor(bounds, dtype=torch.float32), "spiral": to44(path),
-            "files": [str(folder / n) for n in model["names"]], "hw_full": (h_full, w_full), "scene_type": kind}
+            "bounds": torch.tensor(bounds, dtype=torch.float32), "files": [str(folder / n) for n in model["names"]],
+            "hw_full": (h_full, w_full), "scene_type": kind}
 
 
 def compare_poses(c2w: np.ndarray, reference: np.ndarray) -> dict:

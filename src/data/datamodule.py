@@ -289,15 +289,12 @@ class ColmapDataModule(LLFFDataModule):
         return self.splits[split]
 
     def render_poses(self, n_frames: int) -> torch.Tensor:
-        """The spiral of a forward-facing capture, an orbit around a 360 one."""
-        from src.data.colmap import orbit_path
-
+        """NeRF's spiral for a forward-facing capture; for a 360 one the Blender scenes' orbit of the first test
+        camera about the up axis through the (normalised) centre."""
         self._load("test")
         if self.scene["scene_type"] == "forward-facing":
             return super().render_poses(n_frames)
-        out = torch.eye(4).repeat(n_frames, 1, 1)
-        out[:, :3, :4] = torch.as_tensor(orbit_path(self.scene["c2w"].double().numpy(), n_frames), dtype=torch.float32)
-        return out
+        return BlenderDataModule.render_poses(self, n_frames)
 
 
 class NeuSDataModule(BlenderDataModule):

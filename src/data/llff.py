@@ -104,16 +104,16 @@ def load_llff(root: str | Path, factor: int = 8, bd_factor: float = 0.75, recent
     bounds = bounds * scale
     if recenter:
         poses = recenter_poses(poses)
-    spiral = spiral_path(poses, bounds)
-
-    def to44(p):
-        out = np.tile(np.eye(4), (len(p), 1, 1))
-        out[:, :3, :4] = p
-        return torch.tensor(out, dtype=torch.float32)
-
     return {"rgb": torch.from_numpy(images), "c2w": to44(poses), "K": intrinsics_from_focal(w, h, focal),
-            "bounds": torch.tensor(bounds, dtype=torch.float32), "spiral": to44(spiral),
+            "bounds": torch.tensor(bounds, dtype=torch.float32),
             "files": [str(f) for f in files], "hw_full": (int(h_full), int(w_full))}
+
+
+def to44(poses: np.ndarray) -> torch.Tensor:
+    """(N, 3, 4) poses as (N, 4, 4) float32 camera-to-world."""
+    out = np.tile(np.eye(4), (len(poses), 1, 1))
+    out[:, :3, :4] = poses[:, :3, :4]
+    return torch.tensor(out, dtype=torch.float32)
 
 
 def ndc_rays(h: int, w: int, focal: float, near: float, rays_o: torch.Tensor, rays_d: torch.Tensor):

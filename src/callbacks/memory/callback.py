@@ -26,10 +26,15 @@ class MemoryGrowthError(RuntimeError):
     """Raised by :class:`MemoryGrowth` with ``fail=True`` once a leak is named."""
 
 
-def theil_sen_slope(ys: list[float]) -> float:
-    """Median of (y_j - y_i) / (j - i) over all pairs i < j: a per-step slope robust to isolated jumps."""
+def pair_slopes(ys: list[float]) -> list[float]:
+    """(y_j - y_i) / (j - i) over all pairs i < j."""
     n = len(ys)
-    slopes = [(ys[j] - ys[i]) / (j - i) for i in range(n) for j in range(i + 1, n)]
+    return [(ys[j] - ys[i]) / (j - i) for i in range(n) for j in range(i + 1, n)]
+
+
+def theil_sen_slope(ys: list[float]) -> float:
+    """Median of the step-pair slopes: a per-step slope robust to isolated jumps."""
+    slopes = pair_slopes(ys)
     return statistics.median(slopes) if slopes else 0.0
 
 
@@ -141,25 +146,27 @@ class MemoryGrowth(SummaryCallback):
         if loop == "train":
             pl_module.log("memory/growth_mb_per_step", growth / MB, on_step=True, on_epoch=False, batch_size=1)
             pl_module.log(f"memory/{key}", row[key], on_step=True, on_epoch=False, batch_size=1)
-        if s.leak is None and s.census_at is None and self._unambiguous(s, key):
-            self._census(s, theil_sen_slope([r[key] * MB for r in s.rows]) / self.every, key, pl_module.device)
+        early = self._unambiguous(s, recent) if s.leak is None and s.census_at is None else None
+        if early is not None:
+            self._census(s, early, key, pl_module.device)
         elif s.leak is None and (s.sustained >= max(1, self.window // self.every) or s.census_at is not None):
             self._census(s, growth, key, pl_module.device)
 
-    def _unambiguous(self, s: _Series, key: str) -> bool:
-        """The early rule: within the loop's first ``window`` rows (at least ``early_steps``), nearly every pair of
-        rows grew faster than the threshold. Sets ``s.early`` (the basis, for the report) when it holds."""
-        n = len(s.rows)
+    def _unambiguous(self, s: _Series, ys: list[float]) -> float | None:
+        """The early rule: within the loop's first ``window`` rows ``ys`` (at least ``early_steps``), nearly every
+        pair of rows grew faster than the threshold. Returns the slope (bytes per step) and sets ``s.early`` (the
+        basis, for the report) when it holds, else None."""
+        n = len(ys)
         if s.early_dismissed or n < max(2, self.early_steps // self.every) or n >= self.window:
-            return False
-        ys = [r[key] * MB for r in s.rows]
-        slopes = [(ys[j] - ys[i]) / (j - i) / self.every for i in range(n) for j in range(i + 1, n)]
+            return None
+        slopes = [v / self.every for v in pair_slopes(ys)]
         share = sum(v > self.threshold for v in slopes) / len(slopes)
-        if share < self.early_agreement or statistics.median(slopes) <= self.threshold:
-            return False
+        slope = statistics.median(slopes)
+        if share < self.early_agreement or slope <= self.threshold:
+            return None
         s.early = (f"Theil-Sen slope over its first {n * self.every} steps, {share:.0%} of step pairs above "
                    f"{self.threshold / MB:g} MiB/step")
-        return True
+        return slope
 
     # ---- census and recording window ------------------------------------------------------------
     def _start_recording(self, loop: str, device: torch.device) -> None:
